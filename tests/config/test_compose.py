@@ -1,0 +1,40 @@
+"""docker-compose.yml describes the classroom stack consistently (a later issue runs it)."""
+
+from __future__ import annotations
+
+import yaml
+from django.core.management import get_commands
+
+from tests.conftest import REPO
+
+
+def load() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_it_has_the_classroom_services() -> None:
+    services = load()["services"]
+    assert set(services) == {"db", "redis", "web", "worker", "beat"}
+    assert "healthcheck" in services["db"] and "healthcheck" in services["redis"]
+
+
+def test_app_services_build_our_image_and_reach_db_and_redis() -> None:
+    compose = load()
+    for name in ("web", "worker", "beat"):
+        service = compose["services"][name]
+        assert (REPO / service["build"]["dockerfile"]).is_file()
+        env = service["environment"]
+        assert env["DATABASE_URL"].startswith("postgres://") and "@db:" in env["DATABASE_URL"]
+        assert env["REDIS_URL"].startswith("redis://redis:")
+        assert set(service["depends_on"]) <= set(compose["services"])
+    for volume in compose["services"]["db"]["volumes"]:
+        assert volume.split(":")[0] in compose["volumes"]
+
+
+def test_commands_exist() -> None:
+    services = load()["services"]
+    web = " ".join(services["web"]["command"])
+    for command in ("migrate", "serve"):
+        assert f"manage.py {command}" in web and command in get_commands()
+    assert services["worker"]["command"][:4] == ["celery", "-A", "config", "worker"]
+    assert services["beat"]["command"][:4] == ["celery", "-A", "config", "beat"]

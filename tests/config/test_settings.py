@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import Env
+from tests.conftest import REPO
+
+PRODUCTION = {
+    "DEBUG": "false",
+    "SECRET_KEY": "a-production-secret-key-that-is-long-enough-1234567890",
+    "ALLOWED_HOSTS": "lab.example.org",
+    "CSRF_TRUSTED_ORIGINS": "https://lab.example.org",
+}
+
+
+def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in {"DEBUG", "SECRET_KEY"}}
+    base.pop("DJANGO_SETTINGS_MODULE", None)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_deploy_is_clean_under_production_settings() -> None:
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION)
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DEBUG": "false", "SECRET_KEY": ""}, "SECRET_KEY: required when DEBUG is off"),
+        ({**PRODUCTION, "SECRET_KEY": "short"}, "SECRET_KEY: must be at least 32"),
+        ({"DEBUG": "maybe"}, "DEBUG: expected true or false, got 'maybe'"),
+        ({"DEBUG": "true", "DATABASE_URL": "mysql://x"}, "DATABASE_URL: expected a URL"),
+        ({"DEBUG": "true", "REDIS_URL": "http://x"}, "REDIS_URL: expected a URL"),
+        ({"DEBUG": "true", "CSRF_TRUSTED_ORIGINS": "lab.example.org"}, "CSRF_TRUSTED_ORIGINS"),
+        ({"DEBUG": "true", "AXES_FAILURE_LIMIT": "lots"}, "AXES_FAILURE_LIMIT: expected a whole"),
+        ({"DEBUG": "true", "SECRET_KEY_FILE": "/nonexistent/key"}, "SECRET_KEY_FILE: cannot read"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_naming_the_variable(
+    env: dict[str, str], message: str
+) -> None:
+    result = manage("check", env=env)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_secrets_may_come_from_files(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text(PRODUCTION["SECRET_KEY"] + "\n")
+    env = Env({"SECRET_KEY_FILE": str(key), "SECRET_KEY": "ignored"})
+    assert env.str("SECRET_KEY") == PRODUCTION["SECRET_KEY"]
+
+
+def test_env_helpers_parse_typed_values() -> None:
+    env = Env({"A": "yes", "B": "0", "N": "42", "L": "a, b,,c", "U": "redis://h:1/0"})
+    assert env.bool("A") is True and env.bool("B") is False and env.bool("MISSING", True)
+    assert env.int("N", 1) == 42 and env.int("MISSING", 7) == 7
+    assert env.list("L") == ["a", "b", "c"]
+    assert env.url("U", schemes=("redis",)) == "redis://h:1/0"
+    with pytest.raises(ImproperlyConfigured, match="N: must be at least 50"):
+        env.int("N", 1, minimum=50)
+
+
+def test_postgres_and_redis_urls_select_those_backends() -> None:
+    code = (
+        "from django.conf import settings as s;"
+        "print(s.DATABASES['default']['ENGINE']);"
+        "print(s.CHANNEL_LAYERS['default']['BACKEND']);"
+        "print(s.CELERY_BROKER_URL, s.CELERY_EMBEDDED_WORKER)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", f"import django; django.setup(); {code}"],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "DEBUG": "true",
+            "DATABASE_URL": "postgres://u@127.0.0.1:5432/x",
+            "REDIS_URL": "redis://127.0.0.1:6379/3",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == [
+        "django.db.backends.postgresql",
+        "channels_redis.core.RedisChannelLayer",
+        "redis://127.0.0.1:6379/3 False",
+    ]
