@@ -157,3 +157,19 @@ def test_editing_a_chapter_shows_on_reload(
     assert stat.st_size > 0
     html = learner_client.get("/chapters/one/").content.decode()
     assert "Edited words." in html and "First words." not in html
+
+
+def test_hostile_markup_in_a_chapter_never_reaches_the_page(
+    db: None, tmp_path: Path, settings, learner_client: Client
+) -> None:  # type: ignore[no-untyped-def]
+    settings.CONTENT_DIR = tmp_path
+    body = (
+        "# One\n\n<script>alert(1)</script>\n\n"
+        '<img src="x.png" onerror="alert(2)">\n\n'
+        '<a href="javascript:alert(3)">click</a>\n'
+    )
+    write_chapter(tmp_path, "01-one.md", slug="one", number=1, body=body)
+    content_sync(content_dir=tmp_path)
+    html = learner_client.get("/chapters/one/").content.decode()
+    assert "alert(" not in html
+    assert "onerror" not in html and "javascript:" not in html
