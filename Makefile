@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export DEBUG ?= true
 
-.PHONY: setup run test lint format bench lock assets clean
+.PHONY: setup run test lint format bench lock assets clean image
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Distlab needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
@@ -37,13 +37,18 @@ run: setup
 	$(BIN)/python manage.py demo_users
 	$(BIN)/python manage.py serve --host $(HOST) --port $(PORT)
 
+# The sandbox image (runtime + patterns), tagged by a hash of sandboxes/: quick when it
+# exists. IMAGE_ARGS=--offline builds the Debian base locally (no registry), as CI does.
+image: $(STAMP)
+	$(BIN)/python -m apps.labs.image $(IMAGE_ARGS)
+
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy apps config
+	$(BIN)/mypy apps config sandboxes/runtime
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -63,6 +63,7 @@ INSTALLED_APPS = [
     "axes",
     "apps.accounts",
     "apps.courses",
+    "apps.labs",
 ]
 
 MIDDLEWARE = [
@@ -147,10 +148,16 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
 CONTENT_SYNC_INTERVAL = env.int("CONTENT_SYNC_INTERVAL", 300, minimum=5)
+# A task whose worker died is redelivered after this long (Redis broker).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 300}
 CELERY_BEAT_SCHEDULE = {
     "content-sync": {
         "task": "apps.courses.tasks.content_sync_task",
         "schedule": float(CONTENT_SYNC_INTERVAL),
+    },
+    "sandbox-reap": {
+        "task": "apps.labs.tasks.sandbox_reap_task",
+        "schedule": float(env.int("SANDBOX_REAP_INTERVAL", 30, minimum=5)),
     },
 }
 
@@ -197,12 +204,33 @@ CONTENT_DIR = Path(env.str("CONTENT_DIR", str(BASE_DIR / "content")))
 # file). On by default while debugging so that editing a chapter shows on reload.
 CONTENT_AUTO_SYNC = env.bool("CONTENT_AUTO_SYNC", DEBUG)
 
+# --- Sandboxes ------------------------------------------------------------------------
+SANDBOX_ENGINE = env.str("SANDBOX_ENGINE", "auto")
+if SANDBOX_ENGINE not in {"auto", "docker", "local"}:
+    raise ImproperlyConfigured("SANDBOX_ENGINE: expected auto, docker or local")
+DOCKER_HOST = env.str("DOCKER_HOST")  # empty: the default socket
+SANDBOX_RUNTIME = env.str("SANDBOX_RUNTIME", "runc")  # the OCI runtime, e.g. runsc
+# Pin the sandbox image; empty: the image built from this checkout's sandboxes/ folder.
+SANDBOX_IMAGE = env.str("SANDBOX_IMAGE")
+SANDBOX_SUBNET_POOL = env.str("SANDBOX_SUBNET_POOL", "10.213.0.0/16")
+SANDBOX_SUBNET_PREFIX = env.int("SANDBOX_SUBNET_PREFIX", 26, minimum=16)
+SANDBOX_LIFETIME_MINUTES = env.int("SANDBOX_LIFETIME_MINUTES", 60, minimum=1)
+SANDBOX_MAX_LIFETIME_MINUTES = env.int("SANDBOX_MAX_LIFETIME_MINUTES", 240, minimum=1)
+SANDBOX_EXTEND_MINUTES = env.int("SANDBOX_EXTEND_MINUTES", 30, minimum=1)
+SANDBOX_IDLE_MINUTES = env.int("SANDBOX_IDLE_MINUTES", 10, minimum=1)
+SANDBOX_PER_LEARNER = env.int("SANDBOX_PER_LEARNER", 1, minimum=0)
+SANDBOX_PER_INSTRUCTOR = env.int("SANDBOX_PER_INSTRUCTOR", 3, minimum=0)
+SANDBOX_MAX_TOTAL = env.int("SANDBOX_MAX_TOTAL", 30, minimum=1)
+SANDBOX_LAUNCH_TIMEOUT = env.int("SANDBOX_LAUNCH_TIMEOUT", 60, minimum=5)
+SANDBOX_REAP_INTERVAL = env.int("SANDBOX_REAP_INTERVAL", 30, minimum=5)
+
 # --- Static files ---------------------------------------------------------------------
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 # Our own CSS and JS, and the front-end libraries from npm that `make assets` copies into
 # var/vendor/ (never committed).
-STATICFILES_DIRS = [BASE_DIR / "config" / "static", ("vendor", VAR_DIR / "vendor")]
+# The built assets belong to the checkout (like .venv), wherever DISTLAB_VAR_DIR points.
+STATICFILES_DIRS = [BASE_DIR / "config" / "static", ("vendor", BASE_DIR / "var" / "vendor")]
 # While debugging (make run), serve static files straight from their sources.
 WHITENOISE_USE_FINDERS = DEBUG
 WHITENOISE_AUTOREFRESH = DEBUG

@@ -6,6 +6,7 @@ from django.urls import include, path
 urlpatterns = [
     path("", include("apps.courses.urls")),
     path("accounts/", include("apps.accounts.urls")),
+    path("sandboxes/", include("apps.labs.urls")),
     path("admin/", admin.site.urls),
 ]
 

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import Celery
 from django.core.cache import cache
 from django.test import Client
 
 from apps.accounts.models import User
 from apps.courses.models import Chapter
 from apps.courses.services import content_sync
+from apps.labs.engine import get_engine
+from apps.labs.engine.base import Engine
+from config.celery import app as default_app
+from config.embedded import EmbeddedCelery
 
 PASSWORD = "correct-horse-battery-staple"
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +40,50 @@ def make_user(username: str, role: str = User.Role.LEARNER) -> User:
     return User.objects.create_user(
         username=username, email=f"{username}@example.invalid", password=PASSWORD, role=role
     )
+
+
+@pytest.fixture
+def embedded_celery_factory() -> Iterator[Callable[..., Celery]]:
+    """Starts background tasks for real, on the embedded worker (in-memory broker),
+    whatever broker the settings name. Tests using it need ``transaction=True`` so the
+    worker's threads see committed rows."""
+    workers: list[EmbeddedCelery] = []
+
+    def start(beat_schedule: dict[str, Any] | None = None) -> Celery:
+        app = Celery("embedded-test")
+        app.config_from_object("django.conf:settings", namespace="CELERY")
+        app.conf.broker_url = "memory://"
+        app.conf.beat_schedule = beat_schedule or {}
+        app.autodiscover_tasks(force=True)  # every app's tasks, before the worker starts
+        app.set_current()
+        worker = EmbeddedCelery(app)
+        worker.start()
+        workers.append(worker)
+        return app
+
+    yield start
+    for worker in workers:
+        worker.stop()
+    default_app.set_current()
+
+
+@pytest.fixture
+def embedded_celery(embedded_celery_factory: Callable[..., Celery]) -> Celery:
+    return embedded_celery_factory()
+
+
+@pytest.fixture
+def local_engine(settings, tmp_path: Path) -> Iterator[Engine]:  # type: ignore[no-untyped-def]
+    """Sandboxes run on the local-process engine, in a folder of this test's own; every
+    sandbox left behind is destroyed afterwards."""
+    settings.SANDBOX_ENGINE = "local"
+    settings.VAR_DIR = tmp_path
+    get_engine.cache_clear()
+    engine = get_engine()
+    yield engine
+    for info in engine.list_sandboxes():
+        engine.destroy(info.sandbox_id)
+    get_engine.cache_clear()
 
 
 @pytest.fixture(autouse=True)
@@ -99,3 +149,19 @@ def course(db: None, content_dir: Path) -> list[Chapter]:
 @pytest.fixture
 def chapter5(course: list[Chapter]) -> Chapter:
     return Chapter.objects.get(number=5)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No sandbox node process outlives the test run, even if a test died half-way."""
+    import signal
+
+    from apps.labs.engine.local import _node_processes
+
+    basetemp = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    for pid in _node_processes():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if f"DISTLAB_STATE_DIR={basetemp}".encode() in environ:
+            os.kill(pid, signal.SIGKILL)

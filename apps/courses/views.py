@@ -11,6 +11,7 @@ from django.views.decorators.http import require_POST, require_safe
 from apps.accounts.http import AuthedHttpRequest, HttpRequest
 from apps.courses import selectors, services
 from apps.courses.models import Chapter
+from apps.labs.views import panel_context
 
 
 def _auto_sync() -> None:
@@ -64,6 +65,7 @@ def chapter_detail(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     chapter, context = _chapter_context(request, slug)
     previous, following = selectors.chapter_neighbours(chapter=chapter)
     context.update(previous=previous, following=following)
+    context.update(panel_context(user=request.user, pattern=chapter.sandbox))
     return render(request, "courses/chapter.html", context)
 
 
@@ -109,6 +111,7 @@ def quiz_submit(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         template = "courses/chapter.html"
         previous, following = selectors.chapter_neighbours(chapter=chapter)
         context.update(previous=previous, following=following)
+        context.update(panel_context(user=request.user, pattern=chapter.sandbox))
     else:
         template = "courses/chapter.html#quiz"
     return render(request, template, context, status=status)

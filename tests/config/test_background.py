@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ from django.db import connection
 
 from apps.courses.models import Chapter
 from apps.courses.tasks import content_sync_task
-from config.embedded import EmbeddedCelery
 from tests.conftest import REPO, require
 from tests.courses.factories import write_chapter
 
@@ -42,23 +41,14 @@ def folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def embedded(settings) -> Iterator[Celery]:  # type: ignore[no-untyped-def]
-    app = Celery("embedded-test")
-    app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.conf.broker_url = "memory://"
-    app.conf.beat_schedule = {
-        "content-sync": {"task": "apps.courses.tasks.content_sync_task", "schedule": 0.5}
-    }
-    app.set_current()
-    worker = EmbeddedCelery(app)
-    worker.start()
-    yield app
-    worker.stop()
+def embedded(embedded_celery_factory: Callable[..., Celery]) -> Celery:
+    return embedded_celery_factory(
+        {"content-sync": {"task": "apps.courses.tasks.content_sync_task", "schedule": 0.5}}
+    )
 
 
 @pytest.mark.django_db(transaction=True)
-def test_embedded_worker_runs_delayed_tasks(embedded: Celery, folder: Path) -> None:
-    embedded.conf.beat_schedule = {}
+def test_embedded_worker_runs_delayed_tasks(embedded_celery: Celery, folder: Path) -> None:
     started = time.monotonic()
     content_sync_task.apply_async(countdown=1.0)
     time.sleep(0.3)

@@ -30,6 +30,8 @@ def test_serve_answers_pages_and_static_files(tmp_path: Path) -> None:
         **{k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}},
         "DEBUG": "true",
         "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "SANDBOX_ENGINE": "local",
+        "DISTLAB_VAR_DIR": str(tmp_path),
     }
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "-v", "0"], cwd=REPO, env=env, check=True
@@ -62,4 +64,5 @@ def test_serve_answers_pages_and_static_files(tmp_path: Path) -> None:
         server.terminate()
         output = server.communicate(timeout=20)[0]
     assert "Distlab is serving at" in output
+    assert "NO isolation" in output  # the local engine says so at start-up
     assert "Traceback" not in output, output

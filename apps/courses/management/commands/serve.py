@@ -9,6 +9,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from apps.courses.services import content_sync
+from apps.labs.engine import EngineError, get_engine
+from apps.labs.services import sandbox_reap
 from config.asgi import application
 from config.celery import app as celery_app
 from config.embedded import EmbeddedCelery
@@ -37,6 +39,7 @@ class Command(BaseCommand):
         )
         for problem in report.problems:
             self.stderr.write(f"  {problem}")
+        self._prepare_sandboxes()
         embedded = None
         if settings.CELERY_EMBEDDED_WORKER and not no_worker:
             embedded = EmbeddedCelery(celery_app)
@@ -53,3 +56,32 @@ class Command(BaseCommand):
         finally:
             if embedded is not None:
                 embedded.stop()
+
+    def _prepare_sandboxes(self) -> None:
+        """Pick the engine, make sure the sandbox image exists (built once from
+        sandboxes/ when Docker is used), and clean up after a crash: housekeeping runs
+        at start-up as well as periodically."""
+        from apps.labs.engine.docker import DockerEngine
+        from apps.labs.image import ImageError, ensure_image
+
+        engine = get_engine()
+        if isinstance(engine, DockerEngine):
+            try:
+                tag = ensure_image(engine.client, log=lambda line: self.stdout.write(f"  {line}"))
+            except ImageError as exc:
+                self.stderr.write(f"sandboxes: the sandbox image could not be built: {exc}")
+                return
+            self.stdout.write(f"sandboxes: Docker engine, image {tag}")
+        else:
+            self.stdout.write(
+                "sandboxes: no Docker engine answers, so sandbox nodes run as local "
+                "processes with NO isolation (fine on a laptop, not on a shared server)"
+            )
+        try:
+            report = sandbox_reap()
+        except EngineError as exc:
+            self.stderr.write(f"sandboxes: housekeeping failed: {exc}")
+            return
+        cleaned = len(report.orphans_removed) + len(report.vanished)
+        if cleaned:
+            self.stdout.write(f"sandboxes: cleaned up {cleaned} left over from a previous run")

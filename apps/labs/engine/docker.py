@@ -1,0 +1,806 @@
+"""The Docker engine: a sandbox is a private network and one hardened container per node.
+
+Each sandbox gets its own ``internal`` bridge network, named ``distlab-<id[:12]>``, with a
+subnet this engine allocates from a pool it owns (default ``10.213.0.0/16`` cut into /26s:
+1024 sandboxes, 61 nodes each), because Docker's default address pools stop at about 30
+networks. The bridge carries no host address (``inhibit_ipv4``), so a node cannot reach
+the host or anything beyond it, only the other nodes of its sandbox; ``internal`` keeps
+Docker from routing it anywhere else, and the embedded DNS answers only node names.
+
+Each node is a container ``distlab-<id[:12]>-<node>`` of the sandbox image running
+``python3 -m sandboxes.runtime.run <pattern> <program>``: a non-root user, every capability
+dropped, ``no-new-privileges``, a read-only root with a small tmpfs on /tmp, pids, memory
+(no swap) and CPU limits, size-capped json-file logs, an init process, the configured OCI
+runtime, and no published ports. It has a fixed address on the network (kept in a label)
+and the node's name as its alias, so ``heal`` puts it back exactly where it was.
+
+Everything carries the ``io.distlab.*`` labels of ``base.py``: the engine finds its objects
+by label, never by remembering them, so any process may call any operation, and ``create``
+adopts what a previous attempt left behind. Control messages go through ``docker exec`` of
+``sandboxes.runtime.ctl``; telemetry comes from the container's log stream. Neither needs
+a network route into the sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import json
+import os
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests
+from docker.types import IPAMConfig, IPAMPool, LogConfig
+
+from apps.labs.engine.base import (
+    LABEL_EXPIRES,
+    LABEL_NODE,
+    LABEL_OWNER,
+    LABEL_PATTERN,
+    LABEL_PREFIX,
+    LABEL_ROLE,
+    LABEL_SANDBOX,
+    NODE_PORT,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    NodeNotFound,
+    NodeSpec,
+    NodeState,
+    NodeStatus,
+    SandboxInfo,
+    SandboxSpec,
+)
+
+# Labels of this engine only, on containers: the node's position (status() lists nodes in
+# creation order) and its fixed address on the sandbox network (heal reconnects with it).
+LABEL_INDEX = f"{LABEL_PREFIX}.index"
+LABEL_ADDRESS = f"{LABEL_PREFIX}.address"
+
+NAME_PREFIX = "distlab"
+RUNTIME_DIR = "/opt/distlab"  # where the image keeps sandboxes/ (cwd and PYTHONPATH)
+CONTROL_SOCKET = "/tmp/distlab/control.sock"  # noqa: S108 (inside the node, on its tmpfs)
+NODE_USER = "10001:10001"  # the image's unprivileged user
+MiB = 1024 * 1024
+
+DEFAULT_SUBNET_POOL = "10.213.0.0/16"
+DEFAULT_SUBNET_PREFIX = 26
+
+_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NODE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,40}[a-z0-9])?$")
+_STATES: dict[str, NodeState] = {"running": "running", "restarting": "running", "paused": "paused"}
+
+T = TypeVar("T")
+
+
+def _explain(exc: docker.errors.APIError) -> str:
+    text = exc.explanation if isinstance(exc.explanation, str) else str(exc)
+    return text.strip() or str(exc)
+
+
+def _stamp_seconds(stamp: bytes) -> float:
+    """A Docker log timestamp (RFC 3339, UTC, nine fixed digits) as a Unix time."""
+    text = stamp.decode()
+    whole = datetime.fromisoformat(text[:19] + "+00:00").timestamp()
+    return whole + float("0" + text[19:].rstrip("Z"))
+
+
+class DockerEngine(Engine):
+    name = "docker"
+    isolated = True
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        image: str | None = None,
+        runtime: str = "runc",
+        subnet_pool: str = DEFAULT_SUBNET_POOL,
+        subnet_prefix: int = DEFAULT_SUBNET_PREFIX,
+        mem_limit: int = 128 * MiB,
+        nano_cpus: int = 500_000_000,
+        pids_limit: int = 64,
+        tmpfs_size: int = 16 * MiB,
+        log_max_size: str = "2m",
+        log_max_file: int = 2,
+        stop_timeout: int = 2,
+        timeout: float = 60.0,
+    ) -> None:
+        """``image`` defaults to the tag of the current ``sandboxes/`` (apps.labs.image);
+        the other arguments are the per-node limits and the address pool."""
+        try:
+            self.subnet_pool = ipaddress.IPv4Network(subnet_pool)
+        except ValueError as exc:
+            raise EngineError(f"subnet pool {subnet_pool!r} is not an IPv4 network: {exc}") from exc
+        if not self.subnet_pool.prefixlen <= subnet_prefix <= 29:
+            raise EngineError(
+                f"subnet prefix /{subnet_prefix} must lie between the pool's "
+                f"/{self.subnet_pool.prefixlen} and /29"
+            )
+        self.subnet_prefix = subnet_prefix
+        self.base_url = base_url or None
+        self.runtime = runtime
+        self.mem_limit = mem_limit
+        self.nano_cpus = nano_cpus
+        self.pids_limit = pids_limit
+        self.tmpfs_size = tmpfs_size
+        self.log_max_size = log_max_size
+        self.log_max_file = log_max_file
+        self.stop_timeout = stop_timeout
+        self.timeout = timeout
+        self._image = image or None
+        self._client: docker.DockerClient | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls) -> DockerEngine:
+        from django.conf import settings
+
+        return cls(
+            base_url=getattr(settings, "DOCKER_HOST", "") or None,
+            image=getattr(settings, "SANDBOX_IMAGE", "") or None,
+            runtime=getattr(settings, "SANDBOX_RUNTIME", "runc") or "runc",
+            subnet_pool=getattr(settings, "SANDBOX_SUBNET_POOL", DEFAULT_SUBNET_POOL),
+            subnet_prefix=getattr(settings, "SANDBOX_SUBNET_PREFIX", DEFAULT_SUBNET_PREFIX),
+        )
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """How many sandbox networks the address pool holds."""
+        return int(2 ** (self.subnet_prefix - self.subnet_pool.prefixlen))
+
+    @property
+    def image(self) -> str:
+        if self._image is None:
+            from apps.labs.image import image_tag
+
+            self._image = image_tag()
+        return self._image
+
+    def _where(self) -> str:
+        if self.base_url:
+            return self.base_url
+        return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    def _unavailable(self, exc: BaseException) -> EngineUnavailable:
+        where = self._where()
+        reason = str(exc)
+        if where.startswith("unix://") and not os.path.exists(where.removeprefix("unix://")):
+            reason = f"the socket {where.removeprefix('unix://')} does not exist"
+        return EngineUnavailable(f"The Docker engine does not answer at {where}: {reason}")
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """The Docker SDK client, made on first use (so a missing daemon is reported by the
+        operation that needs it, as EngineUnavailable)."""
+        with self._lock:
+            if self._client is None:
+                kwargs = docker.utils.kwargs_from_env()
+                if self.base_url:
+                    kwargs["base_url"] = self.base_url
+                try:
+                    self._client = docker.DockerClient(
+                        version="auto", timeout=self.timeout, max_pool_size=64, **kwargs
+                    )
+                except (docker.errors.DockerException, requests.RequestException) as exc:
+                    raise self._unavailable(exc) from exc
+            return self._client
+
+    @property
+    def api(self) -> docker.APIClient:
+        """The low-level API (one call per request: what the engine uses)."""
+        return self.client.api
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, *, sandbox_id: str = "", node: str = "") -> Iterator[None]:
+        """Turn Docker's and the HTTP layer's exceptions into the engine's, worded for
+        people: ``what`` completes "Docker could not …"."""
+        try:
+            yield
+        except EngineError:
+            raise
+        except docker.errors.NotFound as exc:
+            if node:
+                raise NodeNotFound(f"Sandbox {sandbox_id} has no node named {node!r}.") from exc
+            raise EngineError(f"Docker could not {what}: {_explain(exc)}") from exc
+        except docker.errors.APIError as exc:
+            raise EngineError(f"Docker could not {what}: {_explain(exc)}") from exc
+        except requests.Timeout as exc:
+            raise EngineError(f"Docker did not answer in time to {what}.") from exc
+        except (requests.ConnectionError, docker.errors.DockerException) as exc:
+            raise self._unavailable(exc) from exc
+
+    @staticmethod
+    def _check_ids(sandbox_id: str, node: str | None = None) -> None:
+        if not _SANDBOX_ID.match(sandbox_id):
+            raise EngineError(f"{sandbox_id!r} is not a valid sandbox id.")
+        if node is not None and not _NODE_NAME.match(node):
+            raise NodeNotFound(
+                f"{node!r} is not a valid node name (lower-case letters, digits and '-')."
+            )
+
+    @staticmethod
+    def network_name(sandbox_id: str) -> str:
+        return f"{NAME_PREFIX}-{sandbox_id[:12]}"
+
+    @staticmethod
+    def container_name(sandbox_id: str, node: str) -> str:
+        return f"{NAME_PREFIX}-{sandbox_id[:12]}-{node}"
+
+    @staticmethod
+    def _parallel(fn: Callable[[T], Any], items: list[T]) -> list[Any]:
+        """Run ``fn`` over ``items`` on threads (the daemon does the work concurrently);
+        the first exception is raised once every call has ended."""
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(len(items), 8)) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+        return [future.result() for future in futures]
+
+    def _sandbox_labels(self, spec: SandboxSpec) -> dict[str, str]:
+        return {
+            LABEL_SANDBOX: spec.sandbox_id,
+            LABEL_OWNER: spec.owner,
+            LABEL_PATTERN: spec.pattern,
+            LABEL_EXPIRES: spec.expires_at.isoformat(),
+        }
+
+    def _containers(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+        label = f"{LABEL_SANDBOX}={sandbox_id}" if sandbox_id else LABEL_SANDBOX
+        containers: list[dict[str, Any]] = self.api.containers(all=True, filters={"label": label})
+        return sorted(containers, key=lambda c: (int(c["Labels"].get(LABEL_INDEX, 0)), c["Id"]))
+
+    def _networks(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+        label = f"{LABEL_SANDBOX}={sandbox_id}" if sandbox_id else LABEL_SANDBOX
+        networks: list[dict[str, Any]] = self.api.networks(filters={"label": label})
+        return networks
+
+    def _inspect_node(self, sandbox_id: str, name: str) -> dict[str, Any]:
+        self._check_ids(sandbox_id, name)
+        with self._errors(f"find node {name}", sandbox_id=sandbox_id, node=name):
+            info: dict[str, Any] = self.api.inspect_container(self.container_name(sandbox_id, name))
+        labels = info["Config"].get("Labels") or {}
+        if labels.get(LABEL_SANDBOX) != sandbox_id or labels.get(LABEL_NODE) != name:
+            raise NodeNotFound(f"Sandbox {sandbox_id} has no node named {name!r}.")
+        return info
+
+    # -- the network -------------------------------------------------------------------
+
+    @staticmethod
+    def _subnet_of(network: Mapping[str, Any]) -> ipaddress.IPv4Network | None:
+        for config in (network.get("IPAM") or {}).get("Config") or []:
+            with contextlib.suppress(KeyError, ValueError):
+                return ipaddress.IPv4Network(config["Subnet"])
+        return None
+
+    def _free_subnet(
+        self, sandbox_id: str, taken: set[ipaddress.IPv4Network]
+    ) -> ipaddress.IPv4Network:
+        """A subnet of the pool overlapping no Docker network. The search starts at a
+        place drawn from the sandbox id, so concurrent launches rarely pick the same."""
+        used = list(taken)
+        for network in self.api.networks():
+            subnet = self._subnet_of(network)
+            if subnet is not None:
+                used.append(subnet)
+        size = 2 ** (32 - self.subnet_prefix)
+        count = self.capacity
+        start = zlib.crc32(sandbox_id.encode()) % count
+        base = int(self.subnet_pool.network_address)
+        for step in range(count):
+            index = (start + step) % count
+            candidate = ipaddress.IPv4Network((base + index * size, self.subnet_prefix))
+            if not any(candidate.overlaps(other) for other in used):
+                return candidate
+        raise EngineError(
+            f"No free subnet is left in the sandbox address pool {self.subnet_pool} "
+            f"({count} networks of /{self.subnet_prefix}): stop some sandboxes or widen "
+            "the pool (SANDBOX_SUBNET_POOL)."
+        )
+
+    def _ensure_network(self, spec: SandboxSpec) -> tuple[str, ipaddress.IPv4Network]:
+        """The sandbox's network (name, subnet), created unless it exists."""
+        for network in self._networks(spec.sandbox_id):
+            subnet = self._subnet_of(network)
+            if subnet is not None:
+                return network["Name"], subnet
+        name = self.network_name(spec.sandbox_id)
+        taken: set[ipaddress.IPv4Network] = set()
+        for _attempt in range(20):
+            subnet = self._free_subnet(spec.sandbox_id, taken)
+            try:
+                self.api.create_network(
+                    name,
+                    driver="bridge",
+                    internal=True,
+                    check_duplicate=True,
+                    labels=self._sandbox_labels(spec),
+                    options={
+                        # No address of the host on the bridge: nodes cannot reach it.
+                        "com.docker.network.bridge.inhibit_ipv4": "true",
+                        "com.docker.network.bridge.enable_icc": "true",
+                    },
+                    ipam=IPAMConfig(
+                        pool_configs=[IPAMPool(subnet=str(subnet), gateway=str(subnet[1]))]
+                    ),
+                )
+            except docker.errors.APIError as exc:
+                text = _explain(exc).lower()
+                if exc.status_code == 409 or "already exists" in text:
+                    # Another launch of this sandbox got there first: use its network.
+                    for network in self._networks(spec.sandbox_id):
+                        found = self._subnet_of(network)
+                        if found is not None:
+                            return network["Name"], found
+                    raise EngineError(
+                        f"A Docker network named {name} exists but belongs to no sandbox "
+                        f"{spec.sandbox_id}."
+                    ) from exc
+                if "overlap" in text:
+                    taken.add(subnet)  # a concurrent launch took it: try another
+                    continue
+                raise
+            return name, subnet
+        raise EngineError(f"Could not allocate a subnet for sandbox {spec.sandbox_id}.")
+
+    # -- nodes -------------------------------------------------------------------------
+
+    @staticmethod
+    def _free_addresses(subnet: ipaddress.IPv4Network, used: set[str], count: int) -> list[str]:
+        free: list[str] = []
+        hosts = iter(subnet.hosts())
+        next(hosts)  # the gateway's address (reserved, though not on the host)
+        for host in hosts:
+            if len(free) == count:
+                break
+            if str(host) not in used:
+                free.append(str(host))
+        if len(free) < count:
+            raise EngineError(f"The sandbox network {subnet} has no free address left.")
+        return free
+
+    def _environment(
+        self, spec: SandboxSpec, node: NodeSpec, peers: list[tuple[str, str]]
+    ) -> dict[str, str]:
+        return {
+            "DISTLAB_SANDBOX": spec.sandbox_id,
+            "DISTLAB_NODE": node.name,
+            "DISTLAB_ROLE": node.role,
+            "DISTLAB_PATTERN": spec.pattern,
+            "DISTLAB_LISTEN": f"0.0.0.0:{NODE_PORT}",
+            "DISTLAB_PEERS": json.dumps(
+                [
+                    {"name": name, "role": role, "address": f"{name}:{NODE_PORT}"}
+                    for name, role in peers
+                ]
+            ),
+            "DISTLAB_CONTROL": CONTROL_SOCKET,
+            **node.env,
+        }
+
+    def _host_config(self, network: str) -> dict[str, Any]:
+        host_config: dict[str, Any] = self.api.create_host_config(
+            network_mode=network,
+            init=True,
+            runtime=self.runtime,
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={self.tmpfs_size},mode=1777"},  # noqa: S108
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            pids_limit=self.pids_limit,
+            mem_limit=self.mem_limit,
+            memswap_limit=self.mem_limit,  # equal: no swap
+            nano_cpus=self.nano_cpus,
+            ipc_mode="private",
+            # Names outside the sandbox never resolve (nothing forwards them), so fail
+            # in 1 s rather than the resolver's default 2 x 5 s: a killed peer's name
+            # must not stall its callers.
+            dns_opt=["timeout:1", "attempts:1"],
+            log_config=LogConfig(
+                type="json-file",
+                config={"max-size": self.log_max_size, "max-file": str(self.log_max_file)},
+            ),
+        )
+        return host_config
+
+    def _start_node(
+        self,
+        spec: SandboxSpec,
+        node: NodeSpec,
+        *,
+        index: int,
+        address: str,
+        network: str,
+        peers: list[tuple[str, str]],
+    ) -> str:
+        """Create and start one node's container (or adopt the one a previous attempt
+        made); returns its id."""
+        name = self.container_name(spec.sandbox_id, node.name)
+        labels = {
+            **self._sandbox_labels(spec),
+            LABEL_NODE: node.name,
+            LABEL_ROLE: node.role,
+            LABEL_INDEX: str(index),
+            LABEL_ADDRESS: address,
+        }
+        endpoint = self.api.create_endpoint_config(aliases=[node.name], ipv4_address=address)
+        with self._errors(f"create node {node.name}"):
+            try:
+                created = self.api.create_container(
+                    self.image,
+                    command=["python3", "-m", "sandboxes.runtime.run", spec.pattern, node.program],
+                    name=name,
+                    hostname=node.name,
+                    user=NODE_USER,
+                    working_dir=RUNTIME_DIR,
+                    environment=self._environment(spec, node, peers),
+                    labels=labels,
+                    host_config=self._host_config(network),
+                    networking_config=self.api.create_networking_config({network: endpoint}),
+                    stop_timeout=self.stop_timeout,
+                    use_config_proxy=False,
+                )
+                container_id: str = created["Id"]
+            except docker.errors.ImageNotFound as exc:
+                raise EngineError(
+                    f"The sandbox image {self.image} is missing: build it with `make image` "
+                    "(python -m apps.labs.image)."
+                ) from exc
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+                # A concurrent launch created it between our listing and now: adopt it.
+                container_id = self._inspect_node(spec.sandbox_id, node.name)["Id"]
+        with self._errors(f"start node {node.name}"):
+            self.api.start(container_id)
+        return container_id
+
+    def _statuses(self, containers: list[dict[str, Any]]) -> list[NodeStatus]:
+        def one(container: dict[str, Any]) -> NodeStatus:
+            labels = container["Labels"]
+            name = labels.get(LABEL_NODE, "")
+            state = _STATES.get(container.get("State", ""), "exited")
+            exit_code: int | None = None
+            oom_killed = False
+            if state == "exited":  # the listing has no exit code: ask for the details
+                with contextlib.suppress(docker.errors.NotFound):
+                    info = self.api.inspect_container(container["Id"])["State"]
+                    oom_killed = bool(info.get("OOMKilled"))
+                    if info.get("Status") != "created":
+                        exit_code = info.get("ExitCode")
+            return NodeStatus(
+                name=name,
+                role=labels.get(LABEL_ROLE, ""),
+                state=state,
+                address=f"{name}:{NODE_PORT}",
+                exit_code=exit_code,
+                oom_killed=oom_killed,
+            )
+
+        return [one(container) for container in containers]
+
+    # -- the interface -----------------------------------------------------------------
+
+    def ping(self) -> None:
+        try:
+            self.api.ping()
+        except EngineUnavailable:
+            raise
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise self._unavailable(exc) from exc
+
+    def create(self, spec: SandboxSpec) -> list[NodeStatus]:
+        self._check_ids(spec.sandbox_id)
+        names = [node.name for node in spec.nodes]
+        for name in names:
+            self._check_ids(spec.sandbox_id, name)
+        if len(set(names)) != len(names):
+            raise EngineError(f"Sandbox {spec.sandbox_id} names a node twice.")
+        with self._errors(f"launch sandbox {spec.sandbox_id}"):
+            network, subnet = self._ensure_network(spec)
+            existing = {c["Labels"].get(LABEL_NODE): c for c in self._containers(spec.sandbox_id)}
+            used = {c["Labels"].get(LABEL_ADDRESS, "") for c in existing.values()}
+            missing = [node for node in spec.nodes if node.name not in existing]
+            addresses = iter(self._free_addresses(subnet, used, len(missing)))
+            peers = [(node.name, node.role) for node in spec.nodes]
+            jobs: list[Callable[[], Any]] = []
+            for index, node in enumerate(spec.nodes):
+                found = existing.get(node.name)
+                if found is None:
+                    address = next(addresses)
+                    jobs.append(
+                        functools.partial(
+                            self._start_node,
+                            spec,
+                            node,
+                            index=index,
+                            address=address,
+                            network=network,
+                            peers=peers,
+                        )
+                    )
+                elif found["State"] in {"created", "exited"}:
+                    jobs.append(functools.partial(self.api.start, found["Id"]))
+            self._parallel(lambda job: job(), jobs)
+        return self.status(spec.sandbox_id)
+
+    def destroy(self, sandbox_id: str) -> None:
+        self._check_ids(sandbox_id)
+
+        def remove(container_id: str) -> None:
+            with contextlib.suppress(docker.errors.NotFound):
+                try:
+                    self.api.remove_container(container_id, force=True, v=True)
+                except docker.errors.APIError as exc:
+                    if "already in progress" not in _explain(exc):
+                        raise
+
+        with self._errors(f"remove sandbox {sandbox_id}"):
+            for _attempt in range(3):
+                self._parallel(remove, [c["Id"] for c in self._containers(sandbox_id)])
+                try:
+                    for network in self._networks(sandbox_id):
+                        with contextlib.suppress(docker.errors.NotFound):
+                            self.api.remove_network(network["Id"])
+                except docker.errors.APIError as exc:
+                    # A node appeared meanwhile (a late launch): remove it too.
+                    if "active endpoints" not in _explain(exc):
+                        raise
+                    continue
+                return
+            raise EngineError(f"Sandbox {sandbox_id} kept gaining nodes while being removed.")
+
+    def add_node(self, spec: SandboxSpec, node: NodeSpec) -> NodeStatus:
+        self._check_ids(spec.sandbox_id, node.name)
+        with self._errors(f"add node {node.name}"):
+            network, subnet = self._ensure_network(spec)
+            containers = self._containers(spec.sandbox_id)
+            found = next((c for c in containers if c["Labels"].get(LABEL_NODE) == node.name), None)
+            if found is None:
+                used = {c["Labels"].get(LABEL_ADDRESS, "") for c in containers}
+                index = 1 + max(
+                    (int(c["Labels"].get(LABEL_INDEX, 0)) for c in containers), default=-1
+                )
+                peers = [
+                    (c["Labels"].get(LABEL_NODE, ""), c["Labels"].get(LABEL_ROLE, ""))
+                    for c in containers
+                ] + [(node.name, node.role)]
+                self._start_node(
+                    spec,
+                    node,
+                    index=index,
+                    address=self._free_addresses(subnet, used, 1)[0],
+                    network=network,
+                    peers=peers,
+                )
+            elif found["State"] in {"created", "exited"}:
+                self.api.start(found["Id"])
+        for status in self.status(spec.sandbox_id):
+            if status.name == node.name:
+                return status
+        raise NodeNotFound(f"Node {node.name} vanished right after it was started.")
+
+    def remove_node(self, sandbox_id: str, name: str) -> None:
+        try:
+            info = self._inspect_node(sandbox_id, name)
+        except NodeNotFound:
+            return
+        with self._errors(f"remove node {name}"), contextlib.suppress(docker.errors.NotFound):
+            self.api.remove_container(info["Id"], force=True, v=True)
+
+    def status(self, sandbox_id: str) -> list[NodeStatus]:
+        self._check_ids(sandbox_id)
+        with self._errors(f"read the state of sandbox {sandbox_id}"):
+            return self._statuses(self._containers(sandbox_id))
+
+    def kill(self, sandbox_id: str, name: str) -> None:
+        info = self._inspect_node(sandbox_id, name)
+        if not info["State"].get("Running"):
+            return
+        with self._errors(f"kill node {name}", sandbox_id=sandbox_id, node=name):
+            try:
+                self.api.kill(info["Id"], signal="SIGKILL")
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: it stopped by itself meanwhile
+                    raise
+            self.api.wait(info["Id"], timeout=self.timeout, condition="not-running")
+
+    def pause(self, sandbox_id: str, name: str) -> None:
+        info = self._inspect_node(sandbox_id, name)
+        if info["State"].get("Paused"):
+            return
+        if not info["State"].get("Running"):
+            raise EngineError(f"Node {name} is not running: there is nothing to pause.")
+        with self._errors(f"pause node {name}", sandbox_id=sandbox_id, node=name):
+            self.api.pause(info["Id"])
+
+    def resume(self, sandbox_id: str, name: str) -> None:
+        info = self._inspect_node(sandbox_id, name)
+        if not info["State"].get("Paused"):
+            return
+        with self._errors(f"resume node {name}", sandbox_id=sandbox_id, node=name):
+            self.api.unpause(info["Id"])
+
+    def restart(self, sandbox_id: str, name: str) -> None:
+        info = self._inspect_node(sandbox_id, name)
+        with self._errors(f"restart node {name}", sandbox_id=sandbox_id, node=name):
+            if info["State"].get("Paused"):
+                self.api.unpause(info["Id"])
+            self.api.restart(info["Id"], timeout=self.stop_timeout)
+
+    def partition(self, sandbox_id: str, name: str) -> None:
+        info = self._inspect_node(sandbox_id, name)
+        network = self.network_name(sandbox_id)
+        if network not in (info["NetworkSettings"].get("Networks") or {}):
+            return
+        with self._errors(f"partition node {name}", sandbox_id=sandbox_id, node=name):
+            try:
+                self.api.disconnect_container_from_network(info["Id"], network)
+            except docker.errors.APIError as exc:
+                if "is not connected" not in _explain(exc):
+                    raise
+
+    def heal(self, sandbox_id: str, name: str) -> None:
+        info = self._inspect_node(sandbox_id, name)
+        network = self.network_name(sandbox_id)
+        if network in (info["NetworkSettings"].get("Networks") or {}):
+            return
+        address = (info["Config"].get("Labels") or {}).get(LABEL_ADDRESS) or None
+        with self._errors(f"heal node {name}", sandbox_id=sandbox_id, node=name):
+            try:
+                self.api.connect_container_to_network(
+                    info["Id"], network, ipv4_address=address, aliases=[name]
+                )
+            except docker.errors.APIError as exc:
+                if "already exists" not in _explain(exc):
+                    raise
+
+    def control(self, sandbox_id: str, name: str, message: Mapping[str, Any]) -> dict[str, Any]:
+        info = self._inspect_node(sandbox_id, name)
+        if info["State"].get("Paused"):
+            raise EngineError(f"Node {name} is paused: it cannot answer until it is resumed.")
+        if not info["State"].get("Running"):
+            raise EngineError(f"Node {name} is not running: it cannot answer.")
+        command = ["python3", "-m", "sandboxes.runtime.ctl", json.dumps(dict(message))]
+        with self._errors(f"reach node {name}", sandbox_id=sandbox_id, node=name):
+            exec_id = self.api.exec_create(
+                info["Id"], command, stdout=True, stderr=True, workdir=RUNTIME_DIR
+            )["Id"]
+            out, err = self.api.exec_start(exec_id, demux=True)
+            code = self.api.exec_inspect(exec_id).get("ExitCode")
+        out_text = (out or b"").decode(errors="replace").strip()
+        err_text = (err or b"").decode(errors="replace").strip()
+        if code not in (0, 1):
+            why = (err_text or out_text).splitlines()[-1:] or [f"exit status {code}"]
+            raise EngineError(f"Node {name} does not answer its control channel: {why[0]}")
+        try:
+            reply = json.loads(out_text.splitlines()[-1])
+        except (IndexError, ValueError) as exc:
+            raise EngineError(
+                f"Node {name} sent an unreadable control reply: {out_text[:200]!r}"
+            ) from exc
+        if not isinstance(reply, dict):
+            raise EngineError(f"Node {name} sent an unreadable control reply: {reply!r}")
+        return reply
+
+    def follow(
+        self, sandbox_id: str, name: str, *, since: float | None = None, stop: Any = None
+    ) -> Iterator[bytes]:
+        """Docker's log stream of the node's stdout, line by line (without the newline).
+        It ends when the node stops; then this waits for a restart and goes on from the
+        last line seen, so a follower outlives kill and restart. Ends when the node is
+        removed or ``stop`` is set."""
+        container_id = self._inspect_node(sandbox_id, name)["Id"]
+        last = b""  # timestamp of the last line yielded (fixed width: compares as text)
+        start: float | None = since if since is not None and since > 0 else None
+        while not (stop is not None and stop.is_set()):
+            try:
+                with self._errors(f"follow node {name}", sandbox_id=sandbox_id, node=name):
+                    stream = self.api.logs(
+                        container_id,
+                        stdout=True,
+                        stderr=False,
+                        stream=True,
+                        follow=True,
+                        timestamps=True,
+                        since=start,
+                    )
+            except NodeNotFound:
+                return
+            done = threading.Event()
+            if stop is not None:
+                threading.Thread(
+                    target=self._close_on_stop, args=(stream, stop, done), daemon=True
+                ).start()
+            pending = b""
+            try:
+                for chunk in stream:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for raw in lines:
+                        stamp, _, line = raw.partition(b" ")
+                        if stamp <= last:
+                            continue  # seen before this stream was reopened
+                        last = stamp
+                        yield line
+            except (requests.RequestException, OSError, ValueError, AttributeError):
+                # Closed by the stop watcher, or broken (the daemon restarting): either
+                # way, look at the node below and go on if it still runs.
+                if stop is None or not stop.is_set():
+                    time.sleep(0.2)
+            finally:
+                done.set()
+                with contextlib.suppress(Exception):
+                    stream.close()
+            if last:
+                start = max(_stamp_seconds(last) - 0.001, 1e-9)
+            if not self._wait_running(container_id, stop):
+                return
+
+    @staticmethod
+    def _close_on_stop(stream: Any, stop: threading.Event, done: threading.Event) -> None:
+        while not done.is_set():
+            if stop.wait(0.1):
+                with contextlib.suppress(Exception):
+                    stream.close()
+                return
+
+    def _wait_running(self, container_id: str, stop: Any) -> bool:
+        """After a log stream ended: wait until the node runs again (True), or is removed
+        or ``stop`` is set (False)."""
+        while not (stop is not None and stop.is_set()):
+            try:
+                state = self.api.inspect_container(container_id)["State"]
+            except docker.errors.NotFound:
+                return False
+            except (requests.RequestException, docker.errors.DockerException) as exc:
+                raise self._unavailable(exc) from exc
+            if state.get("Running"):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def list_sandboxes(self) -> list[SandboxInfo]:
+        with self._errors("list sandboxes"):
+            containers = self._containers()
+            networks = self._networks()
+        found: dict[str, tuple[dict[str, str], list[str]]] = {}
+        for labels in [n.get("Labels") or {} for n in networks]:
+            found.setdefault(labels[LABEL_SANDBOX], (labels, []))
+        for container in containers:
+            labels = container["Labels"]
+            entry = found.setdefault(labels[LABEL_SANDBOX], (labels, []))
+            entry[1].append(labels.get(LABEL_NODE, ""))
+        infos = []
+        for sandbox_id, (labels, nodes) in sorted(found.items()):
+            expires: datetime | None = None
+            with contextlib.suppress(KeyError, ValueError):
+                expires = datetime.fromisoformat(labels[LABEL_EXPIRES])
+            infos.append(
+                SandboxInfo(
+                    sandbox_id=sandbox_id,
+                    owner=labels.get(LABEL_OWNER, ""),
+                    pattern=labels.get(LABEL_PATTERN, ""),
+                    expires_at=expires,
+                    nodes=tuple(nodes),
+                )
+            )
+        return infos

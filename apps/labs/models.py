@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Sandbox(models.Model):
+    """One running instance of a pattern for one learner.
+
+    States move only along ``TRANSITIONS`` (enforced by ``services.sandbox_transition``):
+    requested → starting → running → stopping → stopped, with failed and expired as the
+    other ends. Expired sandboxes pass through stopping too, while their nodes are removed.
+    """
+
+    class State(models.TextChoices):
+        REQUESTED = "requested", "Requested"
+        STARTING = "starting", "Starting"
+        RUNNING = "running", "Running"
+        STOPPING = "stopping", "Stopping"
+        STOPPED = "stopped", "Stopped"
+        FAILED = "failed", "Failed"
+        EXPIRED = "expired", "Expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="sandboxes"
+    )
+    pattern = models.SlugField(max_length=80)
+    engine = models.CharField(max_length=16, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.REQUESTED)
+    # Where a stop leads: stopped, or expired when housekeeping ended it.
+    stop_reason = models.CharField(max_length=16, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+    launch_seconds = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["state"]), models.Index(fields=["owner", "state"])]
+
+    def __str__(self) -> str:
+        return f"{self.pattern} {self.hex[:8]} ({self.state})"
+
+    @property
+    def hex(self) -> str:
+        return self.id.hex
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def is_changing(self) -> bool:
+        """On its way up or down: the panel polls until it settles."""
+        return self.state in {self.State.REQUESTED, self.State.STARTING, self.State.STOPPING}
+
+
+ACTIVE_STATES = frozenset(
+    {
+        Sandbox.State.REQUESTED,
+        Sandbox.State.STARTING,
+        Sandbox.State.RUNNING,
+        Sandbox.State.STOPPING,
+    }
+)
+TERMINAL_STATES = frozenset({Sandbox.State.STOPPED, Sandbox.State.FAILED, Sandbox.State.EXPIRED})
+_S = Sandbox.State
+TRANSITIONS: dict[str, frozenset[str]] = {
+    _S.REQUESTED: frozenset({_S.STARTING, _S.STOPPING, _S.FAILED}),
+    _S.STARTING: frozenset({_S.RUNNING, _S.STOPPING, _S.FAILED}),
+    _S.RUNNING: frozenset({_S.STOPPING, _S.FAILED}),
+    _S.STOPPING: frozenset({_S.STOPPED, _S.EXPIRED, _S.FAILED}),
+    _S.STOPPED: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.EXPIRED: frozenset(),
+}
+
+
+class Node(models.Model):
+    """One node of a sandbox, as the platform last saw it."""
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="nodes")
+    name = models.CharField(max_length=40)
+    role = models.CharField(max_length=40)
+    program = models.CharField(max_length=80)
+    address = models.CharField(max_length=80, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["sandbox", "name"], name="one_node_name_per_sandbox")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.role})"
+
+
+class Fault(models.Model):
+    """A failure injected into a node, reverted automatically at ``expires_at``."""
+
+    class Kind(models.TextChoices):
+        KILL = "kill", "Kill"
+        PAUSE = "pause", "Pause"
+        RESTART = "restart", "Restart"
+        PARTITION = "partition", "Partition"
+        LATENCY = "latency", "Add latency"
+        ERRORS = "errors", "Return errors"
+        DROP = "drop", "Drop requests"
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="faults")
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="faults")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    params = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    reverted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} on {self.node.name}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.reverted_at is None and self.expires_at is not None

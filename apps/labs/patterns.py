@@ -1,0 +1,852 @@
+"""Patterns: the blueprints in ``sandboxes/patterns/<pattern_id>/``, loaded and validated.
+
+A pattern is a folder holding ``pattern.yaml`` (its topology, traffic profile, faults and
+live controls; the format is documented in ``sandboxes/README.md``) and the node programs
+it names. ``load_pattern`` reads and checks the spec, raising ``PatternError`` with
+``file:line`` on the first problem; ``Pattern.expand`` turns it into the concrete nodes an
+engine starts (``replica-1`` … ``replica-N``), each with its environment.
+
+Pure Python: no Django, no database, so the engines, commands and tests can all use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple, NoReturn
+
+import yaml
+
+from sandboxes.runtime.faults import ENGINE_KINDS, RUNTIME_KINDS
+
+PATTERNS_ROOT = Path(__file__).resolve().parent.parent.parent / "sandboxes" / "patterns"
+SPEC_FILE = "pattern.yaml"
+
+FAULT_KINDS = (*ENGINE_KINDS, *RUNTIME_KINDS)  # kill, pause, restart, latency, errors, …
+CONTROL_KINDS = ("choice", "toggle", "number", "scale")
+LINK_KINDS = ("request", "probe")
+DIRECTIONS = ("left-to-right", "top-to-bottom")
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE")
+KEY_DISTRIBUTIONS = ("uniform", "zipf")
+MAX_COUNT = 20  # replicas of one role, at most
+MAX_RPS = 200
+# Set by the engine or derived from the spec: a node's `env` may not set them.
+RESERVED_ENV = frozenset(
+    {
+        "DISTLAB_SANDBOX",
+        "DISTLAB_NODE",
+        "DISTLAB_ROLE",
+        "DISTLAB_PATTERN",
+        "DISTLAB_LISTEN",
+        "DISTLAB_PEERS",
+        "DISTLAB_CONTROL",
+        "DISTLAB_TRAFFIC",
+        "DISTLAB_HEALTH_CHECK",
+    }
+)
+TRAFFIC_ENV = "DISTLAB_TRAFFIC"  # the traffic profile, as JSON, for the traffic node
+HEALTH_CHECK_ENV = "DISTLAB_HEALTH_CHECK"  # the health-check timings, as JSON
+
+PATTERN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+ENV_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,127}$")
+PROGRAM_RE = re.compile(r"^[a-z_][a-z0-9_]*\.py$")
+INSTANCE_RE = re.compile(r"^(?P<role>.+)-(?P<n>[1-9][0-9]*)$")
+
+UNKNOWN_PATTERN = "No pattern named {pattern_id!r}."
+UNKNOWN_KEY = "unknown key {key!r} (expected one of: {expected})"
+MISSING_KEY = "missing key {key!r}"
+UNKNOWN_NODE = "unknown node {name!r} (nodes: {names})"
+MISSING_PROGRAM = "program {program!r} not found in {folder}"
+UNKNOWN_FAULT = "unknown fault kind {kind!r} (expected one of: {expected})"
+NOT_REPLICATED = "{role!r} is not a replicated role of pattern {pattern_id!r} (replicated: {roles})"
+COUNT_OUT_OF_RANGE = "{role} count must be from {min} to {max}, got {count!r}"
+
+
+class PatternError(ValueError):
+    """A pattern that does not exist or does not validate. The message is shown to
+    people; for spec problems it starts with ``file:line:``."""
+
+
+class PatternNotFound(PatternError):
+    pass
+
+
+# ---- the model -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeDef:
+    """One entry of ``nodes``: a single node (``count`` is None), or a replicated role
+    whose instances are ``<role>-1`` … ``<role>-<count>`` (its ``name`` is the role)."""
+
+    name: str
+    role: str
+    program: str
+    env: Mapping[str, str]
+    count: int | None = None  # default number of instances (replicated roles only)
+    min_count: int | None = None
+    max_count: int | None = None
+    line: int = 0
+
+    @property
+    def replicated(self) -> bool:
+        return self.count is not None
+
+    def instance_names(self, count: int | None = None) -> list[str]:
+        if self.count is None:
+            return [self.name]
+        return [f"{self.role}-{n}" for n in range(1, (count or self.count) + 1)]
+
+
+@dataclass(frozen=True)
+class Link:
+    """``source`` calls ``target`` (node names, or replicated roles meaning every instance)."""
+
+    source: str
+    target: str
+    label: str = ""
+    kind: str = "request"  # "probe": health checks and the like, drawn dashed
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Graph hints: columns (or rows, top-to-bottom) of node names and replicated roles;
+    a replicated role's instances stack inside its cell."""
+
+    direction: str
+    columns: tuple[tuple[str, ...], ...]
+
+    def column_of(self, name: str) -> int:
+        for index, column in enumerate(self.columns):
+            if name in column:
+                return index
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class RequestKind:
+    method: str
+    path: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    count: int
+    distribution: str  # "uniform" or "zipf"
+    s: float  # zipf exponent (ignored for uniform)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The traffic profile, handed to ``node`` as JSON in ``DISTLAB_TRAFFIC``."""
+
+    node: str
+    target: str
+    rps: float
+    timeout_s: float
+    max_in_flight: int
+    mix: tuple[RequestKind, ...]
+    keys: KeySpace
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "target": self.target,
+                "rps": self.rps,
+                "timeout_s": self.timeout_s,
+                "max_in_flight": self.max_in_flight,
+                "mix": [{"method": m.method, "path": m.path, "weight": m.weight} for m in self.mix],
+                "keys": {
+                    "count": self.keys.count,
+                    "distribution": self.keys.distribution,
+                    "s": self.keys.s,
+                },
+            },
+            separators=(",", ":"),
+        )
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Health-check timings, handed to ``node`` as JSON in ``DISTLAB_HEALTH_CHECK``."""
+
+    node: str
+    path: str
+    interval_s: float
+    timeout_s: float
+    unhealthy_threshold: int
+    healthy_threshold: int
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "path": self.path,
+                "interval_s": self.interval_s,
+                "timeout_s": self.timeout_s,
+                "unhealthy_threshold": self.unhealthy_threshold,
+                "healthy_threshold": self.healthy_threshold,
+            },
+            separators=(",", ":"),
+        )
+
+
+@dataclass(frozen=True)
+class Control:
+    """A live control. ``choice``, ``toggle`` and ``number`` set the setting ``key`` of
+    ``node`` (``{"op": "config", "set": {key: value}}``); ``scale`` sets how many
+    instances of the replicated ``role`` run."""
+
+    id: str
+    label: str
+    kind: str
+    node: str | None = None
+    role: str | None = None
+    key: str | None = None
+    choices: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    default: Any = None
+
+    def validate(self, value: Any) -> Any:
+        """Return ``value`` as this control takes it, or raise ValueError saying why not."""
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(f"must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        if self.kind == "toggle":
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number, got {value!r}")
+        if not math.isfinite(value) or (self.kind == "scale" and value != int(value)):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        assert self.min is not None and self.max is not None
+        if not self.min <= value <= self.max:
+            raise ValueError(f"must be from {self.min:g} to {self.max:g}, got {value!r}")
+        return int(value) if self.kind == "scale" else value
+
+
+class ConcreteNode(NamedTuple):
+    """One node to start: unpacks as ``(name, role, program, env)``."""
+
+    name: str
+    role: str
+    program: str
+    env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    id: str
+    title: str
+    summary: str
+    folder: Path
+    nodes: tuple[NodeDef, ...]
+    links: tuple[Link, ...]
+    layout: Layout
+    faults: tuple[str, ...]
+    controls: tuple[Control, ...]
+    traffic: Traffic | None = None
+    health_check: HealthCheck | None = None
+    _by_instance_role: Mapping[str, NodeDef] = field(default_factory=dict, repr=False)
+
+    def expand(self, count_overrides: Mapping[str, int] | None = None) -> list[ConcreteNode]:
+        """The concrete nodes, in spec order: replicated roles expanded to their default
+        count, or to ``count_overrides[role]`` (which must be within the role's bounds)."""
+        counts = {d.role: d.count for d in self.nodes if d.count is not None}
+        for role, count in (count_overrides or {}).items():
+            node_def = self._by_instance_role.get(role)
+            if node_def is None:
+                raise PatternError(
+                    NOT_REPLICATED.format(
+                        role=role, pattern_id=self.id, roles=", ".join(counts) or "none"
+                    )
+                )
+            assert node_def.min_count is not None and node_def.max_count is not None
+            if (
+                isinstance(count, bool)
+                or not isinstance(count, int)
+                or not node_def.min_count <= count <= node_def.max_count
+            ):
+                raise PatternError(
+                    COUNT_OUT_OF_RANGE.format(
+                        role=role, min=node_def.min_count, max=node_def.max_count, count=count
+                    )
+                )
+            counts[role] = count
+        out = []
+        for node_def in self.nodes:
+            for name in node_def.instance_names(counts.get(node_def.role)):
+                out.append(ConcreteNode(name, node_def.role, node_def.program, self._env(node_def)))
+        return out
+
+    def node(self, name: str) -> ConcreteNode:
+        """The concrete node called ``name``, including replicas beyond the default count
+        (``replica-5`` exists when the role may scale to 5 or more). Raises PatternError."""
+        node_def = self.node_def(name)
+        if node_def is None:
+            raise PatternError(UNKNOWN_NODE.format(name=name, names=", ".join(self.node_names())))
+        return ConcreteNode(name, node_def.role, node_def.program, self._env(node_def))
+
+    def node_def(self, name: str) -> NodeDef | None:
+        """The definition an instance name belongs to (``replica-2`` → the replica role)."""
+        for node_def in self.nodes:
+            if node_def.count is None and node_def.name == name:
+                return node_def
+        match = INSTANCE_RE.match(name)
+        if match:
+            role_def = self._by_instance_role.get(match["role"])
+            if role_def is not None and int(match["n"]) <= (role_def.max_count or 0):
+                return role_def
+        return None
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.expand()]
+
+    def control(self, control_id: str) -> Control | None:
+        return next((c for c in self.controls if c.id == control_id), None)
+
+    def _env(self, node_def: NodeDef) -> dict[str, str]:
+        env = dict(node_def.env)
+        if self.traffic is not None and self.traffic.node == node_def.name:
+            env[TRAFFIC_ENV] = self.traffic.as_json()
+        if self.health_check is not None and self.health_check.node == node_def.name:
+            env[HEALTH_CHECK_ENV] = self.health_check.as_json()
+        return env
+
+
+# ---- finding and loading -----------------------------------------------------------------
+
+
+def pattern_ids(root: Path = PATTERNS_ROOT) -> list[str]:
+    """Every pattern folder (one holding a pattern.yaml), sorted. Not validated."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if PATTERN_ID_RE.match(p.name) and (p / SPEC_FILE).is_file()
+    )
+
+
+def load_pattern(pattern_id: str, root: Path = PATTERNS_ROOT) -> Pattern:
+    """Load and validate one pattern. Raises PatternNotFound (message UNKNOWN_PATTERN) or
+    PatternError (``file:line: problem``)."""
+    if not isinstance(pattern_id, str) or not PATTERN_ID_RE.match(pattern_id):
+        raise PatternNotFound(UNKNOWN_PATTERN.format(pattern_id=pattern_id))
+    folder = root / pattern_id
+    path = folder / SPEC_FILE
+    if not path.is_file():
+        raise PatternNotFound(UNKNOWN_PATTERN.format(pattern_id=pattern_id))
+    spec = _Spec(path)
+    return spec.build(pattern_id, folder, _read(spec, path.read_text(encoding="utf-8")))
+
+
+# ---- YAML with line numbers ------------------------------------------------------------
+
+
+class _Map(dict[str, Any]):
+    line: int
+    key_lines: dict[str, int]
+
+
+class _Seq(list[Any]):
+    line: int
+    item_lines: list[int]
+
+
+def _read(spec: _Spec, text: str) -> _Map:
+    try:
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        spec.fail(mark.line + 1 if mark else 1, f"invalid YAML: {exc.problem or exc}")
+    except yaml.YAMLError as exc:
+        spec.fail(1, f"invalid YAML: {exc}")
+    if document is None:
+        spec.fail(1, "the file is empty")
+    top = _convert(spec, document, yaml.constructor.SafeConstructor(), set())
+    if not isinstance(top, _Map):
+        spec.fail(1, "the file must be a mapping of keys (title, nodes, …)")
+    return top
+
+
+def _convert(spec: _Spec, node: yaml.Node, constructor: Any, seen: set[int]) -> Any:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.CollectionNode):
+        if id(node) in seen:  # an alias: refused, so a spec can never blow up in size
+            spec.fail(line, "anchors and aliases (&name, *name) are not supported")
+        seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        mapping = _Map()
+        mapping.line, mapping.key_lines = line, {}
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                spec.fail(key_line, "keys must be plain words")
+            key = str(key_node.value)
+            if key in mapping:
+                spec.fail(
+                    key_line, f"duplicate key {key!r} (first on line {mapping.key_lines[key]})"
+                )
+            mapping[key] = _convert(spec, value_node, constructor, seen)
+            mapping.key_lines[key] = key_line
+        return mapping
+    if isinstance(node, yaml.SequenceNode):
+        sequence = _Seq(_convert(spec, item, constructor, seen) for item in node.value)
+        sequence.line = line
+        sequence.item_lines = [item.start_mark.line + 1 for item in node.value]
+        return sequence
+    try:
+        return constructor.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        spec.fail(line, f"invalid value: {exc}")
+
+
+# ---- validation --------------------------------------------------------------------------
+
+
+class _Spec:
+    """Reads one spec file's values, failing with ``file:line: where: problem``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.shown = str(path.relative_to(PATTERNS_ROOT.parent.parent))
+        except ValueError:
+            self.shown = str(path)
+
+    def fail(self, line: int, message: str) -> NoReturn:
+        raise PatternError(f"{self.shown}:{line}: {message}")
+
+    # -- typed getters: ``where`` names the value for the message ("nodes[2].count") --
+
+    def keys(self, m: _Map, where: str, required: Sequence[str], optional: Sequence[str]) -> None:
+        allowed = [*required, *optional]
+        for key in m:
+            if key not in allowed:
+                self.fail(
+                    m.key_lines[key],
+                    f"{where}: " + UNKNOWN_KEY.format(key=key, expected=", ".join(allowed)),
+                )
+        for key in required:
+            if key not in m:
+                self.fail(m.line, f"{where}: " + MISSING_KEY.format(key=key))
+
+    def line(self, m: _Map, key: str) -> int:
+        return m.key_lines.get(key, m.line)
+
+    def mapping(self, m: _Map, key: str, where: str) -> _Map:
+        value = m[key]
+        if not isinstance(value, _Map):
+            self.fail(self.line(m, key), f"{where}: must be a mapping of keys")
+        return value
+
+    def sequence(self, m: _Map, key: str, where: str) -> _Seq:
+        value = m[key]
+        if not isinstance(value, _Seq):
+            self.fail(self.line(m, key), f"{where}: must be a list")
+        return value
+
+    def text(self, m: _Map, key: str, where: str, pattern: re.Pattern[str] | None = None) -> str:
+        value = m[key]
+        if not isinstance(value, str) or not value.strip():
+            self.fail(self.line(m, key), f"{where}: must be a non-empty string, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            self.fail(self.line(m, key), f"{where}: {value!r} is not a valid name here")
+        return value
+
+    def number(self, m: _Map, key: str, where: str, low: float, high: float) -> float:
+        value = m[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            self.fail(self.line(m, key), f"{where}: must be a number, got {value!r}")
+        if not low <= value <= high:
+            self.fail(
+                self.line(m, key), f"{where}: must be from {low:g} to {high:g}, got {value!r}"
+            )
+        return float(value)
+
+    def integer(self, m: _Map, key: str, where: str, low: int, high: int) -> int:
+        value = m[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(self.line(m, key), f"{where}: must be a whole number, got {value!r}")
+        if not low <= value <= high:
+            self.fail(self.line(m, key), f"{where}: must be from {low} to {high}, got {value!r}")
+        return value
+
+    def number_or(
+        self, m: _Map, key: str, where: str, low: float, high: float, default: float
+    ) -> float:
+        return self.number(m, key, where, low, high) if key in m else default
+
+    def integer_or(self, m: _Map, key: str, where: str, low: int, high: int, default: int) -> int:
+        return self.integer(m, key, where, low, high) if key in m else default
+
+    def item(self, seq: _Seq, index: int, where: str) -> _Map:
+        value = seq[index]
+        if not isinstance(value, _Map):
+            self.fail(seq.item_lines[index], f"{where}: must be a mapping of keys")
+        return value
+
+    # -- the sections --
+
+    def build(self, pattern_id: str, folder: Path, top: _Map) -> Pattern:
+        self.keys(
+            top,
+            "pattern",
+            ["title", "nodes"],
+            ["summary", "links", "layout", "traffic", "health_check", "faults", "controls"],
+        )
+        title = self.text(top, "title", "title")
+        summary = self.text(top, "summary", "summary").strip() if "summary" in top else ""
+        nodes = self.nodes(top, folder)
+        by_name = {d.name: d for d in nodes}
+        roles = {d.role: d for d in nodes if d.replicated}
+        links = self.links(top, by_name) if "links" in top else ()
+        layout = self.layout(top, nodes) if "layout" in top else None
+        if layout is None:
+            layout = Layout("left-to-right", tuple((d.name,) for d in nodes))
+        traffic = self.traffic(top, by_name) if "traffic" in top else None
+        health_check = self.health_check(top, by_name) if "health_check" in top else None
+        faults = self.faults(top) if "faults" in top else ()
+        controls = self.controls(top, by_name, roles) if "controls" in top else ()
+        return Pattern(
+            id=pattern_id,
+            title=title.strip(),
+            summary=summary,
+            folder=folder,
+            nodes=nodes,
+            links=links,
+            layout=layout,
+            faults=faults,
+            controls=controls,
+            traffic=traffic,
+            health_check=health_check,
+            _by_instance_role=MappingProxyType(roles),
+        )
+
+    def nodes(self, top: _Map, folder: Path) -> tuple[NodeDef, ...]:
+        seq = self.sequence(top, "nodes", "nodes")
+        if not seq:
+            self.fail(seq.line, "nodes: a pattern needs at least one node")
+        out: list[NodeDef] = []
+        taken: dict[str, int] = {}  # every name a node can have → line
+        for index in range(len(seq)):
+            where = f"nodes[{index}]"
+            m = self.item(seq, index, where)
+            self.keys(m, where, ["role", "program"], ["name", "count", "env"])
+            role = self.text(m, "role", f"{where}.role", NAME_RE)
+            program = self.text(m, "program", f"{where}.program", PROGRAM_RE)
+            if not (folder / program).is_file():
+                folder_shown = self.shown.rsplit("/", 1)[0] + "/"
+                self.fail(
+                    self.line(m, "program"),
+                    f"{where}.program: "
+                    + MISSING_PROGRAM.format(program=program, folder=folder_shown),
+                )
+            env = self.env(m, where) if "env" in m else {}
+            if "count" in m:
+                name = role
+                if "name" in m and self.text(m, "name", f"{where}.name") != role:
+                    self.fail(
+                        self.line(m, "name"),
+                        f"{where}.name: a replicated node is named after its role "
+                        f"({role}-1, {role}-2, …): use name {role!r} or leave it out",
+                    )
+                count, low, high = self.count(m, where)
+                names = [name] + [f"{role}-{n}" for n in range(1, high + 1)]
+                if any(d.role == role for d in out):
+                    self.fail(m.line, f"{where}: role {role!r} is already used by another node")
+            else:
+                if "name" not in m:
+                    self.fail(m.line, f"{where}: " + MISSING_KEY.format(key="name"))
+                name = self.text(m, "name", f"{where}.name", NAME_RE)
+                count, low, high = None, None, None
+                names = [name]
+                if any(d.role == role and d.replicated for d in out):
+                    self.fail(m.line, f"{where}: role {role!r} is replicated by another node")
+            for candidate in names:
+                if candidate in taken:
+                    self.fail(
+                        m.line,
+                        f"{where}: the name {candidate!r} clashes with the node on line "
+                        f"{taken[candidate]}",
+                    )
+                taken[candidate] = m.line
+            node_def = NodeDef(
+                name, role, program, MappingProxyType(env), count, low, high, line=m.line
+            )
+            out.append(node_def)
+        return tuple(out)
+
+    def count(self, m: _Map, where: str) -> tuple[int, int, int]:
+        value = m["count"]
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = self.integer(m, "count", f"{where}.count", 1, MAX_COUNT)
+            return n, n, n
+        if not isinstance(value, _Map):
+            self.fail(
+                self.line(m, "count"),
+                f"{where}.count: must be a number or {{default: N, min: N, max: N}}",
+            )
+        self.keys(value, f"{where}.count", ["default", "min", "max"], [])
+        low = self.integer(value, "min", f"{where}.count.min", 1, MAX_COUNT)
+        high = self.integer(value, "max", f"{where}.count.max", low, MAX_COUNT)
+        default = self.integer(value, "default", f"{where}.count.default", low, high)
+        return default, low, high
+
+    def env(self, m: _Map, where: str) -> dict[str, str]:
+        env = self.mapping(m, "env", f"{where}.env")
+        out: dict[str, str] = {}
+        for key, value in env.items():
+            line = env.key_lines[key]
+            if not ENV_RE.match(key):
+                self.fail(line, f"{where}.env: {key!r} is not a valid variable name")
+            if key in RESERVED_ENV:
+                self.fail(line, f"{where}.env: {key} is set by the engine, not by the spec")
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                self.fail(line, f"{where}.env.{key}: must be a string or a number, got {value!r}")
+            out[key] = str(value)
+        return out
+
+    def endpoint(self, m: _Map, key: str, where: str, by_name: Mapping[str, NodeDef]) -> str:
+        name = self.text(m, key, where)
+        if name not in by_name:
+            message = UNKNOWN_NODE.format(name=name, names=", ".join(by_name))
+            self.fail(self.line(m, key), f"{where}: {message}")
+        return name
+
+    def single(self, m: _Map, key: str, where: str, by_name: Mapping[str, NodeDef]) -> str:
+        name = self.endpoint(m, key, where, by_name)
+        if by_name[name].replicated:
+            self.fail(self.line(m, key), f"{where}: must name a single node, not the role {name!r}")
+        return name
+
+    def links(self, top: _Map, by_name: Mapping[str, NodeDef]) -> tuple[Link, ...]:
+        seq = self.sequence(top, "links", "links")
+        out: list[Link] = []
+        for index in range(len(seq)):
+            where = f"links[{index}]"
+            m = self.item(seq, index, where)
+            self.keys(m, where, ["from", "to"], ["label", "kind"])
+            source = self.endpoint(m, "from", f"{where}.from", by_name)
+            target = self.endpoint(m, "to", f"{where}.to", by_name)
+            if source == target:
+                self.fail(m.line, f"{where}: a node cannot link to itself")
+            label = self.text(m, "label", f"{where}.label") if "label" in m else ""
+            kind = self.choice(m, "kind", f"{where}.kind", LINK_KINDS, "request")
+            link = Link(source, target, label, kind)
+            if any((x.source, x.target, x.kind) == (source, target, kind) for x in out):
+                self.fail(m.line, f"{where}: the same link is listed twice")
+            out.append(link)
+        return tuple(out)
+
+    def choice(self, m: _Map, key: str, where: str, allowed: Sequence[str], default: str) -> str:
+        if key not in m:
+            return default
+        value = m[key]
+        if value not in allowed:
+            self.fail(
+                self.line(m, key), f"{where}: must be one of {', '.join(allowed)}, got {value!r}"
+            )
+        return str(value)
+
+    def layout(self, top: _Map, nodes: Sequence[NodeDef]) -> Layout:
+        m = self.mapping(top, "layout", "layout")
+        self.keys(m, "layout", ["columns"], ["direction"])
+        direction = self.choice(m, "direction", "layout.direction", DIRECTIONS, "left-to-right")
+        seq = self.sequence(m, "columns", "layout.columns")
+        names = {d.name for d in nodes}
+        placed: dict[str, int] = {}
+        columns: list[tuple[str, ...]] = []
+        for index, column in enumerate(seq):
+            line = seq.item_lines[index]
+            if not isinstance(column, _Seq) or not column:
+                self.fail(line, f"layout.columns[{index}]: must be a non-empty list of nodes")
+            for name in column:
+                if name not in names:
+                    message = UNKNOWN_NODE.format(name=name, names=", ".join(names))
+                    self.fail(line, f"layout.columns[{index}]: {message}")
+                if name in placed:
+                    self.fail(line, f"layout.columns[{index}]: {name!r} is placed twice")
+                placed[name] = index
+            columns.append(tuple(column))
+        missing = [d.name for d in nodes if d.name not in placed]
+        if missing:
+            self.fail(m.line, f"layout: node {missing[0]!r} is in no column")
+        return Layout(direction, tuple(columns))
+
+    def traffic(self, top: _Map, by_name: Mapping[str, NodeDef]) -> Traffic:
+        m = self.mapping(top, "traffic", "traffic")
+        optional = ["timeout_s", "max_in_flight", "mix", "keys"]
+        self.keys(m, "traffic", ["node", "target", "rps"], optional)
+        node = self.single(m, "node", "traffic.node", by_name)
+        target = self.endpoint(m, "target", "traffic.target", by_name)
+        rps = self.number(m, "rps", "traffic.rps", 0, MAX_RPS)
+        timeout_s = self.number_or(m, "timeout_s", "traffic.timeout_s", 0.01, 60, 2.0)
+        max_in_flight = self.integer_or(m, "max_in_flight", "traffic.max_in_flight", 1, 10_000, 200)
+        mix: list[RequestKind] = []
+        if "mix" in m:
+            seq = self.sequence(m, "mix", "traffic.mix")
+            for index in range(len(seq)):
+                where = f"traffic.mix[{index}]"
+                item = self.item(seq, index, where)
+                self.keys(item, where, ["path"], ["method", "weight"])
+                path = self.text(item, "path", f"{where}.path")
+                if not path.startswith("/"):
+                    self.fail(self.line(item, "path"), f"{where}.path: must start with /")
+                method = self.choice(item, "method", f"{where}.method", HTTP_METHODS, "GET")
+                weight = self.number_or(item, "weight", f"{where}.weight", 0, 1e6, 1.0)
+                mix.append(RequestKind(method, path, weight))
+            if not mix or not any(r.weight > 0 for r in mix):
+                self.fail(seq.line, "traffic.mix: needs at least one request with a weight above 0")
+        else:
+            mix.append(RequestKind("GET", "/", 1.0))
+        keys = KeySpace(100, "uniform", 1.1)
+        if "keys" in m:
+            k = self.mapping(m, "keys", "traffic.keys")
+            self.keys(k, "traffic.keys", [], ["count", "distribution", "s"])
+            keys = KeySpace(
+                self.integer_or(k, "count", "traffic.keys.count", 1, 1_000_000, 100),
+                self.choice(
+                    k, "distribution", "traffic.keys.distribution", KEY_DISTRIBUTIONS, "uniform"
+                ),
+                self.number_or(k, "s", "traffic.keys.s", 0.01, 10, 1.1),
+            )
+        return Traffic(node, target, rps, timeout_s, max_in_flight, tuple(mix), keys)
+
+    def health_check(self, top: _Map, by_name: Mapping[str, NodeDef]) -> HealthCheck:
+        m = self.mapping(top, "health_check", "health_check")
+        optional = ["path", "interval_s", "timeout_s", "unhealthy_threshold", "healthy_threshold"]
+        self.keys(m, "health_check", ["node"], optional)
+        node = self.single(m, "node", "health_check.node", by_name)
+        path = self.text(m, "path", "health_check.path") if "path" in m else "/health"
+        if not path.startswith("/"):
+            self.fail(self.line(m, "path"), "health_check.path: must start with /")
+        where = "health_check"
+        interval = self.number_or(m, "interval_s", f"{where}.interval_s", 0.1, 60, 1.0)
+        timeout = self.number_or(
+            m, "timeout_s", f"{where}.timeout_s", 0.01, interval, min(0.5, interval)
+        )
+        unhealthy = self.integer_or(
+            m, "unhealthy_threshold", f"{where}.unhealthy_threshold", 1, 10, 1
+        )
+        healthy = self.integer_or(m, "healthy_threshold", f"{where}.healthy_threshold", 1, 10, 2)
+        return HealthCheck(node, path, interval, timeout, unhealthy, healthy)
+
+    def faults(self, top: _Map) -> tuple[str, ...]:
+        seq = self.sequence(top, "faults", "faults")
+        out: list[str] = []
+        for index, kind in enumerate(seq):
+            line = seq.item_lines[index]
+            if kind not in FAULT_KINDS:
+                message = UNKNOWN_FAULT.format(kind=kind, expected=", ".join(FAULT_KINDS))
+                self.fail(line, f"faults[{index}]: {message}")
+            if kind in out:
+                self.fail(line, f"faults[{index}]: {kind!r} is listed twice")
+            out.append(kind)
+        return tuple(out)
+
+    def controls(
+        self, top: _Map, by_name: Mapping[str, NodeDef], roles: Mapping[str, NodeDef]
+    ) -> tuple[Control, ...]:
+        seq = self.sequence(top, "controls", "controls")
+        out: list[Control] = []
+        for index in range(len(seq)):
+            where = f"controls[{index}]"
+            m = self.item(seq, index, where)
+            if "kind" not in m:
+                self.fail(m.line, f"{where}: " + MISSING_KEY.format(key="kind"))
+            kind = self.choice(m, "kind", f"{where}.kind", CONTROL_KINDS, "")
+            control = self.control(m, where, kind, by_name, roles)
+            if any(c.id == control.id for c in out):
+                self.fail(m.line, f"{where}: the id {control.id!r} is used twice")
+            if control.key and any((c.node, c.key) == (control.node, control.key) for c in out):
+                self.fail(m.line, f"{where}: another control already sets {control.key!r}")
+            out.append(control)
+        return tuple(out)
+
+    def control(
+        self,
+        m: _Map,
+        where: str,
+        kind: str,
+        by_name: Mapping[str, NodeDef],
+        roles: Mapping[str, NodeDef],
+    ) -> Control:
+        common = ["id", "kind"]
+        if kind == "scale":
+            self.keys(m, where, [*common, "role"], ["label", "min", "max"])
+        elif kind == "choice":
+            self.keys(m, where, [*common, "node", "key", "choices"], ["label", "default"])
+        elif kind == "toggle":
+            self.keys(m, where, [*common, "node", "key"], ["label", "default"])
+        else:
+            required = [*common, "node", "key", "min", "max"]
+            self.keys(m, where, required, ["label", "step", "default"])
+        control_id = self.text(m, "id", f"{where}.id", KEY_RE)
+        label = self.text(m, "label", f"{where}.label") if "label" in m else control_id
+        if kind == "scale":
+            role = self.text(m, "role", f"{where}.role")
+            node_def = roles.get(role)
+            if node_def is None:
+                self.fail(
+                    self.line(m, "role"),
+                    f"{where}.role: {role!r} is not a replicated role "
+                    f"(replicated: {', '.join(roles) or 'none'})",
+                )
+            assert node_def.min_count is not None and node_def.max_count is not None
+            low, high = node_def.min_count, node_def.max_count
+            if "min" in m:
+                low = self.integer(m, "min", f"{where}.min", node_def.min_count, node_def.max_count)
+            if "max" in m:
+                high = self.integer(m, "max", f"{where}.max", low, node_def.max_count)
+            return Control(
+                control_id,
+                label,
+                kind,
+                role=role,
+                min=low,
+                max=high,
+                step=1,
+                default=node_def.count,
+            )
+        node = self.single(m, "node", f"{where}.node", by_name)
+        key = self.text(m, "key", f"{where}.key", KEY_RE)
+        if kind == "choice":
+            seq = self.sequence(m, "choices", f"{where}.choices")
+            strings = all(isinstance(c, str) and c for c in seq)
+            if len(seq) < 2 or not strings or len(set(seq)) != len(seq):
+                self.fail(seq.line, f"{where}.choices: must be two or more different strings")
+            control = Control(control_id, label, kind, node=node, key=key, choices=tuple(seq))
+        elif kind == "toggle":
+            control = Control(control_id, label, kind, node=node, key=key)
+        else:
+            minimum = self.number(m, "min", f"{where}.min", -1e12, 1e12)
+            maximum = self.number(m, "max", f"{where}.max", minimum, 1e12)
+            step = None
+            if "step" in m:
+                step = self.number(m, "step", f"{where}.step", 1e-9, maximum - minimum or 1)
+            control = Control(
+                control_id, label, kind, node=node, key=key, min=minimum, max=maximum, step=step
+            )
+        if "default" in m:
+            try:
+                default = control.validate(m["default"])
+            except ValueError as exc:
+                self.fail(self.line(m, "default"), f"{where}.default: {exc}")
+            control = dataclasses.replace(control, default=default)
+        return control

@@ -1,0 +1,62 @@
+"""Reads for sandboxes. Every fetch of a sandbox a user asks for goes through
+``sandbox_get_for_user``, which checks permission."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import Http404
+
+from apps.accounts.models import User
+from apps.labs.models import ACTIVE_STATES, Sandbox
+
+SANDBOX_NOT_FOUND = "No such sandbox."
+
+
+def sandbox_can_view(*, user: User, sandbox: Sandbox) -> bool:
+    """The owner; staff (until classrooms exist, then the owner's instructors)."""
+    return bool(user.is_authenticated and (sandbox.owner_id == user.pk or user.is_staff))
+
+
+def sandbox_get_for_user(*, user: User, sandbox_id: str | uuid.UUID) -> Sandbox:
+    """The sandbox, if ``user`` may see it. Another learner's sandbox is a 404 (its
+    existence is not revealed); an anonymous user gets PermissionDenied."""
+    if not user.is_authenticated:
+        raise PermissionDenied
+    try:
+        sandbox = Sandbox.objects.select_related("owner").get(pk=uuid.UUID(str(sandbox_id)))
+    except (ValueError, Sandbox.DoesNotExist):
+        raise Http404(SANDBOX_NOT_FOUND) from None
+    if not sandbox_can_view(user=user, sandbox=sandbox):
+        raise Http404(SANDBOX_NOT_FOUND)
+    return sandbox
+
+
+def sandbox_find(*, sandbox_id: str) -> Sandbox:
+    """For operators' commands: a sandbox by full id or unique id prefix."""
+    text = sandbox_id.replace("-", "").lower()
+    if len(text) < 4 or any(c not in "0123456789abcdef" for c in text):
+        raise Sandbox.DoesNotExist(SANDBOX_NOT_FOUND)
+    if len(text) == 32:
+        return Sandbox.objects.get(pk=uuid.UUID(text))
+    matches = [s for s in Sandbox.objects.all() if s.hex.startswith(text)]
+    if len(matches) != 1:
+        raise Sandbox.DoesNotExist(SANDBOX_NOT_FOUND)
+    return matches[0]
+
+
+def sandbox_list_active() -> QuerySet[Sandbox]:
+    return Sandbox.objects.filter(state__in=ACTIVE_STATES)
+
+
+def sandbox_list_for_user(*, user: User) -> QuerySet[Sandbox]:
+    return Sandbox.objects.filter(owner=user)
+
+
+def sandbox_active_for_user(*, user: User, pattern: str | None = None) -> Sandbox | None:
+    qs = Sandbox.objects.filter(owner=user, state__in=ACTIVE_STATES)
+    if pattern is not None:
+        qs = qs.filter(pattern=pattern)
+    return qs.order_by("-created_at").first()

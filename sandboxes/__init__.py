@@ -1,0 +1,1 @@
+"""What runs inside sandboxes: the node runtime and the patterns (see README.md)."""

@@ -1,0 +1,113 @@
+"""The traffic generator: a crowd of users sending requests to the load balancer.
+
+It is open-loop, like real users: the next request leaves on schedule whether or not the
+earlier ones were answered (up to ``max_in_flight`` at once; beyond that requests are
+skipped and counted). Its ``call`` events are the client-side record: the latency and
+status each user saw. Once a second it also emits a ``traffic`` event summing up what it
+sent and which replica served it. The rate, ``rps``, can be changed live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections import Counter
+
+from sandboxes.runtime.node import CallError, Node
+
+
+def setup(node: Node) -> None:
+    profile = node.env_json("DISTLAB_TRAFFIC", {})  # the traffic profile from pattern.yaml
+    target = profile.get("target", "lb")
+    timeout_s = float(profile.get("timeout_s", 2.0))
+    max_in_flight = int(profile.get("max_in_flight", 200))
+    node.setting("rps", float(profile.get("rps", 20)), minimum=0, maximum=200)
+
+    # Request mix: which paths, how often. Keys: which keys requests ask for, how often.
+    mix = profile.get("mix") or [{"method": "GET", "path": "/", "weight": 1}]
+    mix_weights = [m.get("weight", 1) for m in mix]
+    key_spec = profile.get("keys") or {}
+    keys = [f"k{i}" for i in range(int(key_spec.get("count", 100)))]
+    if key_spec.get("distribution") == "zipf":  # a few hot keys, a long tail of cold ones
+        s = float(key_spec.get("s", 1.1))
+        key_weights = [1 / (rank + 1) ** s for rank in range(len(keys))]
+    else:  # uniform
+        key_weights = [1.0] * len(keys)
+    key_cumulative = list(itertools.accumulate(key_weights))
+
+    request_ids = itertools.count(1)
+    in_flight: set[asyncio.Task[None]] = set()
+    counts: Counter[str] = Counter()  # since the last summary
+    served_by: Counter[str] = Counter()
+
+    async def one_request() -> None:
+        kind = random.choices(mix, mix_weights)[0]
+        key = random.choices(keys, cum_weights=key_cumulative)[0]
+        params = {"id": str(next(request_ids)), "key": key}  # the outline's request.id
+        try:
+            reply = await node.call(
+                target,
+                kind["path"],
+                method=kind.get("method", "GET"),
+                params=params,
+                timeout=timeout_s,
+            )
+        except CallError:
+            counts["failed"] += 1  # no answer: the call event says why
+            return
+        counts["ok" if reply.status < 400 else "errors"] += 1
+        served_by[reply.headers.get("X-Distlab-Served-By", "none")] += 1  # none: the lb itself
+
+    async def wait_until_open() -> None:
+        """Users arrive once the service is up: wait for the target's health check."""
+        while True:
+            try:
+                if (await node.call(target, "/health", timeout=1.0)).status == 200:
+                    return
+            except CallError:
+                pass
+            await asyncio.sleep(0.2)
+
+    @node.task
+    async def drive() -> None:
+        await wait_until_open()
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        try:
+            while True:
+                rps = node.config["rps"]
+                if rps <= 0:
+                    await asyncio.sleep(0.1)
+                    next_at = loop.time()
+                    continue
+                # The schedule: one request every 1/rps seconds. If we fell behind (a busy
+                # machine), catch up at most one second's worth, never a huge burst.
+                next_at = max(next_at + 1 / rps, loop.time() - 1.0)
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+                if len(in_flight) >= max_in_flight:
+                    counts["skipped"] += 1  # too many unanswered: this user gives up
+                    continue
+                counts["sent"] += 1
+                task = loop.create_task(one_request())
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:  # shutting down: abandon what is in flight
+            for task in in_flight:
+                task.cancel()
+
+    @node.task
+    async def summarise() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if counts or in_flight:
+                totals = {k: counts[k] for k in ("sent", "skipped", "ok", "errors", "failed")}
+                node.emit(
+                    "traffic",
+                    rps=node.config["rps"],
+                    in_flight=len(in_flight),
+                    served_by=dict(served_by),
+                    **totals,
+                )
+                counts.clear()
+                served_by.clear()

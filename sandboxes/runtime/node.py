@@ -1,0 +1,545 @@
+"""What a node program sees: one ``Node`` per process, handed to the program's ``setup``.
+
+A program declares what it serves and what it runs; the runtime does the plumbing
+(HTTP serving and calling, telemetry, the fault layer, the control channel)::
+
+    import asyncio
+
+    from sandboxes.runtime.node import CallError, Node, Request, Response
+
+    def setup(node: Node) -> None:
+        node.setting("greeting", "hello")          # changed live by {"op": "config", ...}
+
+        @node.route("/")
+        async def hello(request: Request) -> Response:
+            return node.json({"node": node.name, "says": node.config["greeting"]})
+
+        @node.task
+        async def ping_the_others() -> None:         # runs while the node serves
+            while True:
+                for peer in node.peers_with_role("replica"):
+                    try:
+                        await node.call(peer.name, "/health", timeout=0.5)
+                    except CallError:
+                        pass                         # the call event says what happened
+                await asyncio.sleep(1)
+
+Every request received and every call made becomes one telemetry line (``request`` and
+``call`` events), and every one of them goes through the fault layer: that is why
+programs call peers with ``node.call`` and never open connections of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import faults as fault_kinds
+from .config import Config, OnChange
+from .faults import Faults
+from .telemetry import Telemetry
+
+Request = web.Request
+Response = web.StreamResponse
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+TaskFunction = Callable[[], Awaitable[None]]
+
+FROM_HEADER = "X-Distlab-From"  # added to every call: the callee's telemetry names its caller
+NODE_HEADER = "X-Distlab-Node"  # added to every response: who answered
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+SHUTDOWN_GRACE_S = 1.5  # in-flight requests get this long to finish on SIGTERM
+DROP_POLL_S = 0.25  # how often a dropped request checks whether its caller gave up
+DROP_HOLD_MAX_S = 300.0  # a dropped request is hung up on after this long at most
+TASK_RESTART_S = 1.0  # a background task that crashed is started again after this
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One entry of the node's address book (every node of the sandbox, itself included)."""
+
+    name: str
+    role: str
+    address: str  # "host:port"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "role": self.role, "address": self.address}
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) → (host, port); raises ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address must be host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_peers(value: Any) -> list[Peer]:
+    """Validate an address book (``DISTLAB_PEERS`` or a ``peers`` control message)."""
+    if not isinstance(value, list):
+        raise ValueError('peers must be a list of {"name", "role", "address"} objects')
+    peers: list[Peer] = []
+    seen: set[str] = set()
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"name", "role", "address"}:
+            raise ValueError(f'peers[{index}] must have exactly "name", "role" and "address"')
+        name, role, address = item["name"], item["role"], item["address"]
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ValueError(f"peers[{index}]: bad name {name!r}")
+        if not isinstance(role, str) or not NAME_RE.match(role):
+            raise ValueError(f"peers[{index}]: bad role {role!r}")
+        if not isinstance(address, str):
+            raise ValueError(f"peers[{index}]: address must be host:port")
+        split_address(address)
+        if name in seen:
+            raise ValueError(f"peers[{index}]: {name!r} is listed twice")
+        seen.add(name)
+        peers.append(Peer(name, role, address))
+    return peers
+
+
+class CallError(Exception):
+    """A call got no HTTP answer. ``reason`` says what the caller saw:
+
+    - ``"timeout"``: no answer before the call's timeout,
+    - ``"connect"``: could not connect (refused, unreachable, unknown host),
+    - ``"disconnected"``: the peer closed the connection without answering,
+    - ``"partitioned"``: a partition fault on this node cut the call at once,
+    - ``"unknown-peer"``: the name is not in the address book,
+    - ``"error"``: anything else.
+    """
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"call to {peer} failed: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A peer's HTTP answer, read completely."""
+
+    peer: str
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Node:
+    def __init__(
+        self,
+        *,
+        name: str,
+        role: str,
+        pattern: str,
+        sandbox: str,
+        listen: str,
+        peers: list[Peer],
+        env: Mapping[str, str],
+        telemetry: Telemetry,
+    ) -> None:
+        self.name = name
+        self.role = role
+        self.pattern = pattern
+        self.sandbox = sandbox
+        self.listen = listen
+        self.env = env
+        self.telemetry = telemetry
+        self.config = Config()
+        self.faults = Faults()
+        self._peers = {p.name: p for p in peers}
+        self._routes: list[tuple[str, str, Handler]] = []
+        self._task_functions: list[TaskFunction] = []
+        self._peer_listeners: list[Callable[[], None]] = []
+        self._status: Callable[[], dict[str, Any]] | None = None
+        self._started = time.monotonic()
+        self._from_header = {FROM_HEADER: name}
+        self._node_header = {NODE_HEADER: name}
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ---- declaring what the program does (call these from setup) ---------------------
+
+    def route(self, path: str, method: str = "GET") -> Callable[[Handler], Handler]:
+        """Decorator: serve ``method path`` with an ``async def handler(request)``."""
+
+        def register(handler: Handler) -> Handler:
+            self._routes.append((method, path, handler))
+            return handler
+
+        return register
+
+    def task(self, function: TaskFunction) -> TaskFunction:
+        """Decorator: run ``async def function()`` in the background while the node serves
+        (cancelled on shutdown; restarted after a second if it crashes)."""
+        self._task_functions.append(function)
+        return function
+
+    def setting(
+        self,
+        key: str,
+        default: Any,
+        *,
+        choices: list[str] | tuple[str, ...] | None = None,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        on_change: OnChange | None = None,
+    ) -> Any:
+        """Declare a live setting (bool, int, float or string, typed by its default), read
+        with ``node.config[key]`` and changed by ``{"op": "config", "set": {key: value}}``.
+        ``on_change(new, previous)`` runs after a change."""
+        return self.config.declare(
+            key, default, choices=choices, minimum=minimum, maximum=maximum, on_change=on_change
+        )
+
+    def on_peers(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Decorator: call ``listener()`` after the address book is replaced (scaling)."""
+        self._peer_listeners.append(listener)
+        return listener
+
+    def status(self, provider: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+        """Decorator: ``provider()`` returns what the program wants ``state`` to report."""
+        self._status = provider
+        return provider
+
+    # ---- helpers for programs ----------------------------------------------------------
+
+    @property
+    def peers(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    def peers_with_role(self, role: str) -> list[Peer]:
+        return [p for p in self._peers.values() if p.role == role]
+
+    def json(
+        self, data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
+        return web.json_response(data, status=status, headers=headers)
+
+    def relay(self, reply: Reply, headers: Mapping[str, str] | None = None) -> web.Response:
+        """Answer with a peer's reply as it came (status, body, content type)."""
+        out = {"Content-Type": reply.headers.get("Content-Type", "application/octet-stream")}
+        out.update(headers or {})
+        return web.Response(body=reply.body, status=reply.status, headers=out)
+
+    def env_float(self, key: str, default: float) -> float:
+        raw = self.env.get(key, "")
+        try:
+            return float(raw) if raw != "" else default
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {raw!r}") from None
+
+    def env_json(self, key: str, default: Any) -> Any:
+        raw = self.env.get(key, "")
+        try:
+            return json.loads(raw) if raw != "" else default
+        except ValueError:
+            raise ValueError(f"{key} must be JSON, got {raw!r}") from None
+
+    def state(self, event: str, **fields: Any) -> None:
+        """Emit a state-change event (``ejected``, ``policy``, …) on the telemetry stream."""
+        self.telemetry.emit("state", event=event, **fields)
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        """Emit an event of a program-defined type (document it in TELEMETRY.md)."""
+        self.telemetry.emit(type_, **fields)
+
+    # ---- calling peers -----------------------------------------------------------------
+
+    async def call(
+        self,
+        peer: str,
+        path: str = "/",
+        *,
+        method: str = "GET",
+        params: Mapping[str, str] | None = None,
+        timeout: float = 2.0,
+        route: str | None = None,
+    ) -> Reply:
+        """Call a peer by name; return its answer (any status) or raise CallError when
+        there is none. Emits one ``call`` event either way (``route`` defaults to path)."""
+        started = time.monotonic()
+        route = route or path
+        fault: str | None = None
+        try:
+            target = self._peers.get(peer)
+            if target is None:
+                raise CallError(peer, "unknown-peer")
+            faults = self.faults
+            if faults.any:
+                if faults.cuts(peer):
+                    fault = "partition"
+                    raise CallError(peer, "partitioned")
+                if faults.drops():  # the request is lost on the way: wait for our timeout
+                    fault = "drop"
+                    await asyncio.sleep(timeout)
+                    raise CallError(peer, "timeout")
+                delay = faults.delay_s()
+                if delay:
+                    fault = "latency"
+                    await asyncio.sleep(min(delay, timeout))
+                    if delay >= timeout:
+                        raise CallError(peer, "timeout")
+            remaining = timeout - (time.monotonic() - started)
+            reply = await self._http(peer, target.address, method, path, params, remaining)
+        except CallError as exc:
+            self._record_call(peer, method, route, 0, started, exc.reason, fault)
+            raise
+        self._record_call(peer, method, route, reply.status, started, None, fault)
+        return reply
+
+    async def _http(
+        self,
+        peer: str,
+        address: str,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        timeout: float,
+    ) -> Reply:
+        if self._session is None:
+            raise CallError(peer, "error")
+        try:
+            async with self._session.request(
+                method,
+                f"http://{address}{path}",
+                params=params,
+                headers=self._from_header,
+                timeout=aiohttp.ClientTimeout(total=max(timeout, 0.001)),
+            ) as response:
+                body = await response.read()
+                return Reply(peer, response.status, response.headers, body)
+        except TimeoutError:
+            raise CallError(peer, "timeout") from None
+        except aiohttp.ClientConnectorError:
+            raise CallError(peer, "connect") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError):
+            raise CallError(peer, "disconnected") from None
+        except (aiohttp.ClientError, OSError, RuntimeError):
+            raise CallError(peer, "error") from None
+
+    def _record_call(
+        self,
+        peer: str,
+        method: str,
+        route: str,
+        status: int,
+        started: float,
+        error: str | None,
+        fault: str | None,
+    ) -> None:
+        ms = round((time.monotonic() - started) * 1000, 2)
+        extra = {"fault": fault} if fault else {}
+        self.telemetry.emit(
+            "call",
+            src=self.name,
+            dst=peer,
+            method=method,
+            route=route,
+            status=status,
+            ms=ms,
+            error=error,
+            **extra,
+        )
+
+    # ---- serving -----------------------------------------------------------------------
+
+    def _serving(self, handler: Handler, route: str) -> Handler:
+        """``handler`` behind the inbound fault layer, with a ``request`` event each time."""
+
+        async def inbound(request: web.Request) -> web.StreamResponse:
+            return await self._inbound(request, handler, route)
+
+        return inbound
+
+    async def _inbound(
+        self, request: web.Request, handler: Handler, route: str
+    ) -> web.StreamResponse:
+        started = time.monotonic()
+        src = request.headers.get(FROM_HEADER)
+        task = request.task
+        self._inflight.add(task)
+        status = 0
+        extra: dict[str, Any] = {}
+        try:
+            faults = self.faults
+            if faults.any:
+                if faults.cuts(src):  # partition: close the connection, answer nothing
+                    extra = {"error": "partitioned", "fault": "partition"}
+                    return self._hang_up(request)
+                if faults.drops():  # drop: hold the request until the caller gives up
+                    extra = {"error": "dropped", "fault": "drop"}
+                    await self._hold(request)
+                    return self._hang_up(request)
+                delay = faults.delay_s()
+                if delay:
+                    extra = {"fault": "latency"}
+                    await asyncio.sleep(delay)
+                injected = faults.error_status()
+                if injected is not None:
+                    extra = {"fault": "errors"}
+                    status = injected
+                    body = {"error": "injected fault", "fault": "errors", "node": self.name}
+                    return self.json(body, status=injected, headers=self._node_header)
+            response = await handler(request)
+            status = response.status
+            response.headers[NODE_HEADER] = self.name
+            return response
+        except web.HTTPException as exc:  # raised by the program: it is the answer
+            status = exc.status
+            exc.headers[NODE_HEADER] = self.name
+            raise
+        except asyncio.CancelledError:
+            extra = {"error": "cancelled"}
+            raise
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            status = 500
+            extra = {"error": "program"}
+            body = {"error": "the node program failed", "node": self.name}
+            return self.json(body, status=500, headers=self._node_header)
+        finally:
+            self._inflight.discard(task)
+            ms = round((time.monotonic() - started) * 1000, 2)
+            self.telemetry.emit(
+                "request",
+                src=src,
+                dst=self.name,
+                method=request.method,
+                route=route,
+                status=status,
+                ms=ms,
+                **extra,
+            )
+
+    def _hang_up(self, request: web.Request) -> web.Response:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        return web.Response(status=500)  # never sent: the connection is gone
+
+    async def _hold(self, request: web.Request) -> None:
+        deadline = time.monotonic() + DROP_HOLD_MAX_S
+        while not self._stopping and time.monotonic() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return
+            await asyncio.sleep(DROP_POLL_S)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return self.json({"node": self.name, "ok": True})
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        return self.json({"error": "not found", "node": self.name}, status=404)
+
+    # ---- lifecycle (called by run.py) --------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/health", self._serving(self._health, "/health"))
+        for method, path, handler in self._routes:
+            app.router.add_route(method, path, self._serving(handler, path))
+        # Last: whatever matched nothing above (a 404, still faulted and recorded).
+        app.router.add_route("*", "/{path:.*}", self._serving(self._not_found, "unmatched"))
+        # No DNS cache: a restarted node's new address is used at once.
+        connector = aiohttp.TCPConnector(limit=0, use_dns_cache=False)
+        self._session = aiohttp.ClientSession(connector=connector)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        host, port = split_address(self.listen)
+        await web.TCPSite(self._runner, host, port).start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run_task(f)) for f in self._task_functions]
+
+    async def _run_task(self, function: TaskFunction) -> None:
+        while not self._stopping:
+            try:
+                await function()
+                return
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                self.state("task_failed", task=function.__name__, error=repr(exc)[:200])
+                await asyncio.sleep(TASK_RESTART_S)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish briefly, close everything."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            cleanup = asyncio.get_running_loop().create_task(self._runner.cleanup())
+            deadline = time.monotonic() + SHUTDOWN_GRACE_S
+            while self._inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            for task in list(self._inflight):
+                task.cancel()
+            try:
+                await asyncio.wait_for(cleanup, SHUTDOWN_GRACE_S * 2)
+            except Exception:  # a timeout included: exit anyway, say why on stderr
+                traceback.print_exc(file=sys.stderr)
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def uptime_s(self) -> float:
+        return round(time.monotonic() - self._started, 3)
+
+    # ---- what the control channel changes ----------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "node": self.name,
+            "role": self.role,
+            "pattern": self.pattern,
+            "sandbox": self.sandbox,
+            "pid": os.getpid(),
+            "uptime_s": self.uptime_s,
+            "listen": self.listen,
+            "in_flight": len(self._inflight),
+            "faults": self.faults.as_dict(),
+            "config": dict(self.config),
+            "config_schema": self.config.schema(),
+            "peers": [p.as_dict() for p in self._peers.values()],
+            "status": self._status() if self._status is not None else {},
+        }
+
+    def set_fault(self, kind: str, params: Mapping[str, Any]) -> None:
+        others = set(self._peers) - {self.name}
+        fault = fault_kinds.parse(kind, params, self_name=self.name, peers=others)
+        self.faults.set(kind, fault)
+        self.state("fault", kind=kind, params=fault_kinds.describe(fault))
+
+    def clear_faults(self, kind: str | None) -> list[str]:
+        cleared = self.faults.clear(kind)
+        for k in cleared:
+            self.state("fault_cleared", kind=k)
+        return cleared
+
+    def configure(self, changes: Mapping[str, Any]) -> None:
+        for key, value, previous in self.config.apply(changes):
+            self.state("config", key=key, value=value, previous=previous)
+            self.config.notify(key, value, previous)
+
+    def replace_peers(self, peers: list[Peer]) -> None:
+        self._peers = {p.name: p for p in peers}
+        self.state("peers", peers=[p.name for p in peers])
+        for listener in self._peer_listeners:
+            listener()
