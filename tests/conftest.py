@@ -47,7 +47,10 @@ def embedded_celery_factory() -> Iterator[Callable[..., Celery]]:
     """Starts background tasks for real, on the embedded worker (in-memory broker),
     whatever broker the settings name. Tests using it need ``transaction=True`` so the
     worker's threads see committed rows."""
+    from celery import _state
+
     workers: list[EmbeddedCelery] = []
+    previous_default = _state.default_app
 
     def start(beat_schedule: dict[str, Any] | None = None) -> Celery:
         app = Celery("embedded-test")
@@ -56,6 +59,7 @@ def embedded_celery_factory() -> Iterator[Callable[..., Celery]]:
         app.conf.beat_schedule = beat_schedule or {}
         app.autodiscover_tasks(force=True)  # every app's tasks, before the worker starts
         app.set_current()
+        app.set_default()  # for other threads too (the live server's request threads)
         worker = EmbeddedCelery(app)
         worker.start()
         workers.append(worker)
@@ -64,6 +68,7 @@ def embedded_celery_factory() -> Iterator[Callable[..., Celery]]:
     yield start
     for worker in workers:
         worker.stop()
+    _state.set_default_app(previous_default)
     default_app.set_current()
 
 
