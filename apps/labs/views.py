@@ -24,6 +24,8 @@ def panel_context(
     nodes as the engine sees them, time left, and whether nodes are isolated."""
     if sandbox is None and user.is_authenticated:
         sandbox = selectors.sandbox_active_for_user(user=user, pattern=pattern)
+    if sandbox is not None and sandbox.is_active and sandbox.owner_id == user.pk:
+        services.sandbox_touch(sandbox=sandbox)  # the owner is watching: not idle
     nodes: list[Any] = []
     engine_error = ""
     isolated = True
@@ -70,8 +72,6 @@ def sandbox_launch(request: AuthedHttpRequest, pattern: str) -> HttpResponse:
 @login_required
 def sandbox_detail(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
     sandbox = selectors.sandbox_get_for_user(user=request.user, sandbox_id=sandbox_id)
-    if sandbox.owner_id == request.user.pk:
-        services.sandbox_touch(sandbox=sandbox)
     context = panel_context(user=request.user, pattern=sandbox.pattern, sandbox=sandbox)
     return render(request, PANEL if request.htmx else "labs/sandbox.html", context)
 

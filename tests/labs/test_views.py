@@ -105,3 +105,22 @@ def test_the_owner_stops_and_extends(
     assert len(callbacks) == 1
     sandbox.refresh_from_db()
     assert sandbox.state == Sandbox.State.STOPPING
+
+
+def test_watching_the_panel_keeps_the_sandbox_from_idling(
+    sandbox: Sandbox, learner: User, other_learner: User
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    long_ago = timezone.now() - timedelta(hours=1)
+    Sandbox.objects.filter(pk=sandbox.pk).update(last_seen_at=long_ago)
+    html = (
+        client_for(learner)
+        .get(reverse("labs:sandbox", args=[sandbox.hex]), HTTP_HX_REQUEST="true")
+        .content.decode()
+    )
+    assert 'hx-trigger="every 30s"' in html  # a running panel keeps reporting in
+    sandbox.refresh_from_db()
+    assert sandbox.last_seen_at > long_ago
