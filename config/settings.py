@@ -8,6 +8,7 @@ listed in ``README.md``; a bad value stops start-up with the variable's name.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -210,6 +211,11 @@ if SANDBOX_ENGINE not in {"auto", "docker", "local"}:
     raise ImproperlyConfigured("SANDBOX_ENGINE: expected auto, docker or local")
 DOCKER_HOST = env.str("DOCKER_HOST")  # empty: the default socket
 SANDBOX_RUNTIME = env.str("SANDBOX_RUNTIME", "runc")  # the OCI runtime, e.g. runsc
+# Labels this installation's containers and networks, so that housekeeping never removes
+# sandboxes of another Distlab sharing the Docker engine. Default: from the database.
+SANDBOX_INSTANCE = (
+    env.str("SANDBOX_INSTANCE") or hashlib.sha256(DATABASE_URL.encode()).hexdigest()[:12]
+)
 # Pin the sandbox image; empty: the image built from this checkout's sandboxes/ folder.
 SANDBOX_IMAGE = env.str("SANDBOX_IMAGE")
 SANDBOX_SUBNET_POOL = env.str("SANDBOX_SUBNET_POOL", "10.213.0.0/16")

@@ -83,6 +83,7 @@ def local_engine(settings, tmp_path: Path) -> Iterator[Engine]:  # type: ignore[
     sandbox left behind is destroyed afterwards."""
     settings.SANDBOX_ENGINE = "local"
     settings.VAR_DIR = tmp_path
+    settings.SANDBOX_INSTANCE = f"test-{os.getpid()}"
     get_engine.cache_clear()
     engine = get_engine()
     yield engine

@@ -4,6 +4,7 @@ services, on each engine (Docker is required in CI): what a learner does and see
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ def platform_engine(request: pytest.FixtureRequest, settings, tmp_path: Path) ->
         docker_engine()  # requires Docker (fails in CI without it) and the image
     settings.SANDBOX_ENGINE = request.param
     settings.VAR_DIR = tmp_path
+    settings.SANDBOX_INSTANCE = f"test-{os.getpid()}"  # a running `make run` never reaps ours
     get_engine.cache_clear()
     engine = get_engine()
     yield engine

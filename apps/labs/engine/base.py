@@ -30,6 +30,8 @@ LABEL_PATTERN = f"{LABEL_PREFIX}.pattern"
 LABEL_EXPIRES = f"{LABEL_PREFIX}.expires"
 LABEL_NODE = f"{LABEL_PREFIX}.node"
 LABEL_ROLE = f"{LABEL_PREFIX}.role"
+# Which Distlab installation made it: housekeeping only ever touches its own.
+LABEL_INSTANCE = f"{LABEL_PREFIX}.instance"
 
 NODE_PORT = 8080  # every node listens here inside its container
 

@@ -44,6 +44,7 @@ from docker.types import IPAMConfig, IPAMPool, LogConfig
 
 from apps.labs.engine.base import (
     LABEL_EXPIRES,
+    LABEL_INSTANCE,
     LABEL_NODE,
     LABEL_OWNER,
     LABEL_PATTERN,
@@ -115,6 +116,7 @@ class DockerEngine(Engine):
         log_max_file: int = 2,
         stop_timeout: int = 2,
         timeout: float = 60.0,
+        instance: str = "default",
     ) -> None:
         """``image`` defaults to the tag of the current ``sandboxes/`` (apps.labs.image);
         the other arguments are the per-node limits and the address pool."""
@@ -138,6 +140,7 @@ class DockerEngine(Engine):
         self.log_max_file = log_max_file
         self.stop_timeout = stop_timeout
         self.timeout = timeout
+        self.instance = instance
         self._image = image or None
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
@@ -152,6 +155,7 @@ class DockerEngine(Engine):
             runtime=getattr(settings, "SANDBOX_RUNTIME", "runc") or "runc",
             subnet_pool=getattr(settings, "SANDBOX_SUBNET_POOL", DEFAULT_SUBNET_POOL),
             subnet_prefix=getattr(settings, "SANDBOX_SUBNET_PREFIX", DEFAULT_SUBNET_PREFIX),
+            instance=getattr(settings, "SANDBOX_INSTANCE", "") or "default",
         )
 
     # -- plumbing ----------------------------------------------------------------------
@@ -261,6 +265,7 @@ class DockerEngine(Engine):
             LABEL_OWNER: spec.owner,
             LABEL_PATTERN: spec.pattern,
             LABEL_EXPIRES: spec.expires_at.isoformat(),
+            LABEL_INSTANCE: self.instance,
         }
 
     def _containers(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
@@ -784,9 +789,13 @@ class DockerEngine(Engine):
             networks = self._networks()
         found: dict[str, tuple[dict[str, str], list[str]]] = {}
         for labels in [n.get("Labels") or {} for n in networks]:
+            if labels.get(LABEL_INSTANCE, "default") != self.instance:
+                continue  # another installation's sandbox: never ours to reap
             found.setdefault(labels[LABEL_SANDBOX], (labels, []))
         for container in containers:
             labels = container["Labels"]
+            if labels.get(LABEL_INSTANCE, "default") != self.instance:
+                continue
             entry = found.setdefault(labels[LABEL_SANDBOX], (labels, []))
             entry[1].append(labels.get(LABEL_NODE, ""))
         infos = []

@@ -270,21 +270,23 @@ class LocalEngine(Engine):
     def _kill_strays(self, sandbox_id: str) -> None:
         """Kill every node process of the sandbox, found by its environment (so nodes the
         state file does not know, after a crash between start and record, go too), and
-        wait until they are gone."""
-        pids = [
-            pid
-            for pid, owner in _node_processes().items()
-            if owner == sandbox_id and self._is_mine(pid)
-        ]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
+        wait until none is left."""
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and any(
-            _proc_state(pid) not in {None, "Z", "X"} for pid in pids
-        ):
-            time.sleep(0.01)
+        while True:
+            pids = [
+                pid
+                for pid, owner in _node_processes().items()
+                if owner == sandbox_id
+                and self._is_mine(pid)
+                and _proc_state(pid) not in {None, "Z", "X"}
+            ]
+            if not pids or time.monotonic() > deadline:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
 
     def add_node(self, spec: SandboxSpec, node: NodeSpec) -> NodeStatus:
         with self._locked(spec.sandbox_id) as state:
