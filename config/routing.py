@@ -4,4 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-websocket_urlpatterns: list[Any] = []
+from django.urls import path
+
+from apps.labs.consumers import SandboxConsumer
+
+websocket_urlpatterns: list[Any] = [
+    path("ws/sandboxes/<str:sandbox_id>/", SandboxConsumer.as_asgi()),
+]

@@ -37,6 +37,7 @@ async def test_redis_layer_delivers_group_messages() -> None:
         await layer.flush()
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_websockets_from_another_origin_are_refused() -> None:
     communicator = WebsocketCommunicator(
         application, "/ws/anything/", headers=[(b"origin", b"http://evil.example")]

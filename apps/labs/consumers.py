@@ -1,0 +1,155 @@
+"""The live sandbox stream: ``/ws/sandboxes/<id>/``.
+
+At connect the viewer is checked (``sandbox_get_for_user``), joins the sandbox's group and
+gets a snapshot (nodes, last frame, history, recent events); then frames and events from
+the supervisor are forwarded as they come. Refusals are sent as close codes after
+accepting, so browsers see them (a refusal before accepting reaches them as a bare 403):
+
+* 4401 not signed in · 4404 no such sandbox, or not yours · 4410 the sandbox is not active
+* 4413 a client message over ``MAX_MESSAGE_BYTES`` · 4429 more than ``MAX_MESSAGES`` client
+  messages in ``RATE_WINDOW_S`` seconds.
+
+The only client message so far is ``{"type": "ping"}`` (answered ``{"type": "pong"}``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.core.cache import cache
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
+
+from apps.labs import selectors, services
+from apps.labs.models import ACTIVE_STATES, Sandbox
+from apps.labs.supervisor import group_name, snapshot_cache_key
+from apps.labs.telemetry import empty_snapshot
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+CLOSE_GONE = 4410
+CLOSE_TOO_BIG = 4413
+CLOSE_TOO_MANY = 4429
+MAX_MESSAGE_BYTES = 4096
+MAX_MESSAGES = 20
+RATE_WINDOW_S = 5.0
+TOUCH_EVERY_S = 60.0
+UNKNOWN_MESSAGE = 'Unknown message: the only message accepted is {"type": "ping"}.'
+BAD_JSON = "Messages must be JSON objects."
+
+
+@database_sync_to_async
+def _sandbox_for(user: Any, sandbox_id: str) -> Sandbox:
+    return selectors.sandbox_get_for_user(user=user, sandbox_id=sandbox_id)
+
+
+@database_sync_to_async
+def _check(sandbox: Sandbox, *, touch: bool) -> bool:
+    """Whether the sandbox is still active; with ``touch``, postpone its idle expiry."""
+    if touch:
+        services.sandbox_touch(sandbox=sandbox)
+    state = Sandbox.objects.filter(pk=sandbox.pk).values_list("state", flat=True).first()
+    return state in ACTIVE_STATES
+
+
+class SandboxConsumer(AsyncJsonWebsocketConsumer):
+    sandbox: Sandbox | None = None
+    group: str | None = None
+    touched: float | None = None  # monotonic time of the last check (and touch)
+
+    async def connect(self) -> None:
+        await self.accept()
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        try:
+            sandbox = await _sandbox_for(user, self.scope["url_route"]["kwargs"]["sandbox_id"])
+        except (Http404, PermissionDenied):
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        if not sandbox.is_active:
+            await self.close(code=CLOSE_GONE)
+            return
+        self.sandbox = sandbox
+        self.is_owner = sandbox.owner_id == user.pk
+        self.received: deque[float] = deque(maxlen=MAX_MESSAGES + 1)
+        self.group = group_name(sandbox.hex)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        snapshot = await cache.aget(snapshot_cache_key(sandbox.hex))
+        await self.send_json(
+            snapshot if isinstance(snapshot, dict) else empty_snapshot(time.time())
+        )
+        await self._keep_alive()
+
+    async def disconnect(self, code: int) -> None:
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            self.group = None
+
+    async def _keep_alive(self) -> None:
+        """The owner watching keeps the sandbox from idle expiry (checked once a minute,
+        when it also notices a sandbox that has ended)."""
+        now = time.monotonic()
+        if self.sandbox is None or (
+            self.touched is not None and now - self.touched < TOUCH_EVERY_S
+        ):
+            return
+        self.touched = now
+        if not await _check(self.sandbox, touch=self.is_owner):
+            await self._close(CLOSE_GONE)
+
+    async def _close(self, code: int) -> None:
+        await self.disconnect(code)
+        await self.close(code=code)
+
+    # --- from the client ---------------------------------------------------------------
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        if self.group is None:
+            return
+        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if size > MAX_MESSAGE_BYTES:
+            await self._close(CLOSE_TOO_BIG)
+            return
+        now = time.monotonic()
+        self.received.append(now)
+        if len(self.received) > MAX_MESSAGES and now - self.received[0] < RATE_WINDOW_S:
+            await self._close(CLOSE_TOO_MANY)
+            return
+        try:
+            content = json.loads(text_data) if text_data is not None else None
+        except ValueError:
+            content = None
+        if not isinstance(content, dict):
+            await self.send_json({"type": "error", "message": BAD_JSON})
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if content.get("type") == "ping":
+            await self.send_json({"type": "pong"})
+        else:
+            await self.send_json({"type": "error", "message": UNKNOWN_MESSAGE})
+
+    # --- from the supervisor -----------------------------------------------------------
+
+    async def sandbox_frame(self, message: dict[str, Any]) -> None:
+        if self.group is None:
+            return
+        await self.send_json(message["data"])
+        await self._keep_alive()
+
+    async def sandbox_event(self, message: dict[str, Any]) -> None:
+        if self.group is None:
+            return
+        await self.send_json(message["data"])
+        if message["data"].get("kind") == "sandbox_ended":
+            await self._close(CLOSE_GONE)

@@ -1,0 +1,535 @@
+"""Telemetry aggregation: node telemetry lines in, frames, events and snapshots out.
+
+Pure Python (no Django, no I/O) so the arithmetic is testable without a sandbox. The
+supervisor (``apps/labs/supervisor.py``) feeds one ``Aggregator`` per sandbox with the
+parsed lines of every node (schema: ``sandboxes/runtime/TELEMETRY.md``), tells it what the
+engine and the database say about nodes and faults, and publishes what it returns.
+
+Wire formats (version 1; add fields freely, change meanings only with ``v: 2``):
+
+* **frame**, several a second, latest wins::
+
+    {"type": "frame", "v": 1, "ts": now, "seq": n,
+     "nodes": {name: {"role", "rps", "error_pct", "p50_ms", "p99_ms", "in_flight", "state"}},
+     "links": {"src>dst": {"src", "dst", "rps", "error_pct", "p99_ms",
+                           "probe_rps", "probe_error_pct"}},
+     "sample": [{"src", "dst", "status", "ms", "ts"}, …],   # ≤ 40 calls since last frame
+     "totals": {"rps", "error_pct", "p50_ms", "p99_ms"},
+     "faults": [{"node", "kind"}, …]}
+
+  Rates are per second over the last ``window`` seconds ending ``lag`` seconds ago (lines
+  reach the supervisor up to ~0.15 s late). A node's figures come from the ``request``
+  lines it wrote (a ``client`` node's from its ``call`` lines); a link's from its source's
+  ``call`` lines. Health checks (route ``/health``) count only as a link's ``probe_*``.
+  An error is status 0 (no answer) or ≥ 400. Latencies are null when nothing was seen.
+  ``in_flight`` is the time-averaged concurrency of the window's requests (Little's law),
+  or for a client node the last ``traffic`` summary's count. Totals are what users saw:
+  the client nodes' calls (every node's requests when there is no client).
+  Node ``state``: ``killed`` (engine: exited or missing) > ``paused`` > ``partitioned`` >
+  ``ejected`` (a balancer took it out of rotation) > ``up``.
+* **event**, at once::
+
+    {"type": "event", "v": 1, "ts", "node", "kind", "text", "data": {…}}
+
+  ``kind``: from ``state`` lines ``started``, ``stopped``, ``failed``, ``config``,
+  ``policy``, ``ejected``, ``readmitted``, ``admitted``, ``task_failed``; from the union of
+  runtime and platform faults ``fault`` / ``fault_cleared``; from engine status ``down``,
+  ``up``, ``paused``, ``resumed``, ``added``, ``removed``; and ``sandbox_ended``.
+* **snapshot**, for a viewer that connects::
+
+    {"type": "snapshot", "v": 1, "ts", "nodes": {name: {"role", "state"}},
+     "frame": last frame or null, "history": [point, …], "events": [≤ 100 events]}
+
+  A history point per whole second (≤ 5 minutes)::
+
+    {"ts": second, "totals": {"rps", "error_pct", "p50_ms", "p99_ms"},
+     "nodes": {name: {"rps", "error_pct", "p50_ms", "p99_ms"}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+VERSION = 1
+PROBE_ROUTES = frozenset({"/health"})
+CLIENT_ROLE = "client"
+DOWN_STATES = frozenset({"exited", "missing"})
+STATE_EVENTS = frozenset(
+    {
+        "started",
+        "stopped",
+        "failed",
+        "config",
+        "policy",
+        "ejected",
+        "readmitted",
+        "admitted",
+        "task_failed",
+    }
+)
+
+
+class Record(NamedTuple):
+    ts: float
+    kind: str  # "request" or "call"
+    node: str  # the node that wrote the line
+    src: str
+    dst: str
+    status: int
+    ms: float
+    probe: bool
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the engine says about one node (a subset of ``engine.base.NodeStatus``)."""
+
+    name: str
+    role: str
+    state: str  # running, paused, exited, missing
+    exit_code: int | None = None
+
+
+def parse_line(raw: bytes | str) -> dict[str, Any] | None:
+    """One telemetry line, or None for anything that is not a version-1 object."""
+    try:
+        line = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(line, dict) or line.get("v") != VERSION:
+        return None
+    if not isinstance(line.get("ts"), int | float) or not isinstance(line.get("node"), str):
+        return None
+    return line
+
+
+def is_error(status: int) -> bool:
+    return status == 0 or status >= 400
+
+
+def percentile(sorted_ms: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of already sorted values; None when there are none."""
+    if not sorted_ms:
+        return None
+    return round(sorted_ms[max(0, math.ceil(q * len(sorted_ms)) - 1)], 2)
+
+
+def stats(records: Sequence[Record], seconds: float) -> dict[str, Any]:
+    ms = sorted(r.ms for r in records)
+    errors = sum(1 for r in records if is_error(r.status))
+    return {
+        "rps": round(len(records) / seconds, 2),
+        "error_pct": round(100.0 * errors / len(records), 2) if records else 0.0,
+        "p50_ms": percentile(ms, 0.50),
+        "p99_ms": percentile(ms, 0.99),
+    }
+
+
+def empty_snapshot(now: float) -> dict[str, Any]:
+    return {
+        "type": "snapshot",
+        "v": VERSION,
+        "ts": now,
+        "nodes": {},
+        "frame": None,
+        "history": [],
+        "events": [],
+    }
+
+
+def _fmt_params(params: Any) -> str:
+    if not isinstance(params, Mapping) or not params:
+        return ""
+    parts = [f"{k}={v}" for k, v in params.items() if k != "duration"]
+    if params.get("duration"):
+        parts.append(f"for {params['duration']} s")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def event_text(node: str, kind: str, data: Mapping[str, Any]) -> str:
+    """A short sentence for the event log."""
+    target, reason = data.get("target", "?"), data.get("reason")
+    why = f" ({reason})" if reason else ""
+    texts = {
+        "started": f"{node} started",
+        "stopped": f"{node} stopped{why}",
+        "failed": f"{node} failed to start: {data.get('error', 'unknown error')}",
+        "config": f"{node}: {data.get('key')} set to {data.get('value')} "
+        f"(was {data.get('previous')})",
+        "policy": f"{node} switched policy from {data.get('previous')} to {data.get('policy')}",
+        "ejected": f"{node} ejected {target}{why}",
+        "readmitted": f"{node} re-admitted {target}{why}",
+        "admitted": f"{node} admitted {target}{why}",
+        "task_failed": f"{node}: background task {data.get('task')} crashed: {data.get('error')}",
+        "fault": f"{data.get('kind')} fault on {node}{_fmt_params(data.get('params'))}",
+        "fault_cleared": f"{data.get('kind')} fault on {node} cleared",
+        "down": f"{node} is down"
+        + (f" (exit code {data['exit_code']})" if data.get("exit_code") is not None else ""),
+        "up": f"{node} is up again",
+        "paused": f"{node} is paused",
+        "resumed": f"{node} resumed",
+        "added": f"{node} was added",
+        "removed": f"{node} was removed",
+        "sandbox_ended": f"The sandbox is {data.get('state')}.",
+    }
+    reason_why = why if kind == "stopped" else ""
+    return texts.get(kind, f"{node}: {kind}{reason_why}")
+
+
+class Aggregator:
+    """One sandbox's telemetry. Thread-safe: followers call ``ingest`` from their threads
+    while the publisher calls ``frame``; every public method takes the lock."""
+
+    def __init__(
+        self,
+        *,
+        window: float = 1.0,
+        lag: float = 0.2,
+        sample_size: int = 40,
+        history_seconds: int = 300,
+        max_events: int = 100,
+    ) -> None:
+        self.window = window
+        self.lag = lag
+        self.sample_size = sample_size
+        self._lock = threading.Lock()
+        self._records: deque[Record] = deque()
+        self._fresh_calls: list[Record] = []  # arrived since the last frame: the sample
+        self._history: deque[dict[str, Any]] = deque(maxlen=history_seconds)
+        self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self._last_second: int | None = None
+        self._event_horizon = 0.0  # lines up to this ts were already announced (resume)
+        self._seq = 0
+        self._last_frame: dict[str, Any] | None = None
+        # What is known about nodes.
+        self._roles: dict[str, str] = {}
+        self._engine_state: dict[str, NodeView] = {}
+        self._status_known = False
+        self._ejected: dict[str, set[str]] = {}  # balancer → targets out of rotation
+        self._runtime_faults: dict[str, dict[str, Any]] = {}  # node → kind → params
+        self._platform_faults: dict[str, dict[str, Any]] = {}
+        self._client_in_flight: dict[str, tuple[float, int]] = {}
+        self._links: set[tuple[str, str]] = set()
+
+    # --- input -------------------------------------------------------------------------
+
+    def ingest(self, line: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Take one parsed telemetry line; return the events it causes."""
+        with self._lock:
+            return self._ingest(line)
+
+    def ingest_many(self, lines: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        with self._lock:
+            return [event for line in lines for event in self._ingest(line)]
+
+    def _ingest(self, line: Mapping[str, Any]) -> list[dict[str, Any]]:
+        kind, node, ts = line.get("type"), str(line.get("node")), float(line["ts"])
+        if node not in self._roles and node not in self._engine_state:
+            self._roles.setdefault(node, line.get("role", "") if kind == "state" else "")
+        if kind in ("request", "call"):
+            try:
+                record = Record(
+                    ts=ts,
+                    kind=kind,
+                    node=node,
+                    src=str(line.get("src") or ""),
+                    dst=str(line.get("dst") or ""),
+                    status=int(line.get("status", 0)),
+                    ms=float(line.get("ms", 0.0)),
+                    probe=line.get("route") in PROBE_ROUTES,
+                )
+            except (TypeError, ValueError):
+                return []
+            self._records.append(record)
+            if kind == "call":
+                self._links.add((record.src, record.dst))
+                if not record.probe:
+                    self._fresh_calls.append(record)
+            return []
+        if kind == "traffic":
+            if isinstance(line.get("in_flight"), int):
+                self._client_in_flight[node] = (ts, line["in_flight"])
+            return []
+        if kind != "state":
+            return []
+        return self._state_line(node, ts, line)
+
+    def _state_line(self, node: str, ts: float, line: Mapping[str, Any]) -> list[dict[str, Any]]:
+        event = line.get("event")
+        data = {k: v for k, v in line.items() if k not in {"v", "ts", "node", "type", "event"}}
+        before = self._fault_keys()
+        announce = ts > self._event_horizon
+        if event == "started":
+            if line.get("role"):
+                self._roles[node] = str(line["role"])
+            self._ejected.pop(node, None)  # a fresh balancer starts with everyone in
+            self._runtime_faults.pop(node, None)
+        elif event == "ejected" and line.get("target"):
+            self._ejected.setdefault(node, set()).add(str(line["target"]))
+        elif event in ("readmitted", "admitted") and line.get("target"):
+            self._ejected.get(node, set()).discard(str(line["target"]))
+        elif event == "fault" and line.get("kind"):
+            self._runtime_faults.setdefault(node, {})[str(line["kind"])] = line.get("params", {})
+        elif event == "fault_cleared" and line.get("kind"):
+            self._runtime_faults.get(node, {}).pop(str(line["kind"]), None)
+        events = self._fault_events(before, ts) if announce else []
+        if announce and event in STATE_EVENTS:
+            events.insert(0, self._event(ts, node, str(event), data))
+        return events
+
+    def update_status(
+        self, *, nodes: Sequence[NodeView], faults: Iterable[Mapping[str, Any]], now: float
+    ) -> list[dict[str, Any]]:
+        """What the engine says about the nodes, and the platform's active faults
+        (``{"node", "kind", "params"}``); returns the events the changes cause."""
+        with self._lock:
+            events: list[dict[str, Any]] = []
+            current = {n.name: n for n in nodes}
+            if self._status_known:
+                for name, view in current.items():
+                    old = self._engine_state.get(name)
+                    kind = _status_change(old.state if old else None, view.state)
+                    if kind:
+                        data = {"state": view.state, "exit_code": view.exit_code}
+                        events.append(self._event(now, name, kind, data))
+                for name in self._engine_state.keys() - current.keys():
+                    events.append(self._event(now, name, "removed", {"state": "missing"}))
+            for name in self._engine_state.keys() - current.keys():
+                self._forget(name)
+            self._engine_state = current
+            for view in nodes:
+                self._roles[view.name] = view.role
+            resuming = not self._status_known and self._event_horizon > 0
+            before = self._fault_keys()
+            platform: dict[str, dict[str, Any]] = {}
+            for fault in faults:
+                platform.setdefault(str(fault["node"]), {})[str(fault["kind"])] = fault.get(
+                    "params", {}
+                )
+            self._platform_faults = platform
+            if not resuming:  # a resumed stream announced these faults already
+                events.extend(self._fault_events(before, now))
+            self._status_known = True
+            return events
+
+    def _forget(self, name: str) -> None:
+        self._roles.pop(name, None)
+        self._ejected.pop(name, None)
+        for targets in self._ejected.values():
+            targets.discard(name)
+        self._runtime_faults.pop(name, None)
+        self._links = {link for link in self._links if name not in link}
+
+    def _fault_keys(self) -> dict[tuple[str, str], Any]:
+        keys: dict[tuple[str, str], Any] = {}
+        for source in (self._platform_faults, self._runtime_faults):
+            for node, kinds in source.items():
+                for kind, params in kinds.items():
+                    keys.setdefault((node, kind), params)
+        return keys
+
+    def _fault_events(
+        self, before: Mapping[tuple[str, str], Any], ts: float
+    ) -> list[dict[str, Any]]:
+        after = self._fault_keys()
+        events = [
+            self._event(ts, node, "fault", {"kind": kind, "params": after[(node, kind)]})
+            for node, kind in after.keys() - before.keys()
+        ]
+        events += [
+            self._event(ts, node, "fault_cleared", {"kind": kind})
+            for node, kind in before.keys() - after.keys()
+        ]
+        return sorted(events, key=lambda e: (e["node"], e["kind"]))
+
+    def _event(self, ts: float, node: str, kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        event = {
+            "type": "event",
+            "v": VERSION,
+            "ts": ts,
+            "node": node,
+            "kind": kind,
+            "text": event_text(node, kind, data),
+            "data": dict(data),
+        }
+        self._events.append(event)
+        return event
+
+    def ended(self, *, now: float, state: str) -> dict[str, Any]:
+        """The sandbox stopped: the last event its viewers get."""
+        with self._lock:
+            return self._event(now, "", "sandbox_ended", {"state": state})
+
+    # --- output ------------------------------------------------------------------------
+
+    def node_states(self) -> dict[str, str]:
+        with self._lock:
+            return {name: self._node_state(name) for name in self._node_names()}
+
+    def _node_names(self) -> list[str]:
+        if self._status_known:
+            return list(self._engine_state)
+        return list(self._roles)
+
+    def _node_state(self, name: str) -> str:
+        view = self._engine_state.get(name)
+        faults = self._fault_keys()
+        if view is not None and view.state in DOWN_STATES:
+            return "killed"
+        if (view is not None and view.state == "paused") or (name, "pause") in faults:
+            return "paused"
+        if (name, "partition") in faults:
+            return "partitioned"
+        if any(name in targets for targets in self._ejected.values()):
+            return "ejected"
+        return "up"
+
+    def _node_records(self, records: Iterable[Record], name: str) -> list[Record]:
+        if self._roles.get(name) == CLIENT_ROLE:
+            return [r for r in records if r.kind == "call" and r.node == name and not r.probe]
+        return [r for r in records if r.kind == "request" and r.node == name and not r.probe]
+
+    def _totals_records(self, records: Sequence[Record]) -> list[Record]:
+        clients = {n for n, role in self._roles.items() if role == CLIENT_ROLE}
+        if clients:
+            return [r for r in records if r.kind == "call" and r.node in clients and not r.probe]
+        return [r for r in records if r.kind == "request" and not r.probe]
+
+    def _between(self, start: float, end: float) -> list[Record]:
+        return [r for r in self._records if start < r.ts <= end]
+
+    def frame(self, now: float) -> dict[str, Any]:
+        with self._lock:
+            end = now - self.lag
+            start = end - self.window
+            self._record_history(end)
+            self._prune(end - self.window - 3.0)
+            records = self._between(start, end)
+            nodes: dict[str, Any] = {}
+            for name in self._node_names():
+                mine = self._node_records(records, name)
+                entry: dict[str, Any] = {"role": self._roles.get(name, "")}
+                entry |= stats(mine, self.window)
+                entry["in_flight"] = self._in_flight(name, mine, start, end, now)
+                entry["state"] = self._node_state(name)
+                nodes[name] = entry
+            links: dict[str, Any] = {}
+            for src, dst in sorted(self._links):
+                calls = [r for r in records if r.kind == "call" and r.src == src and r.dst == dst]
+                real = [r for r in calls if not r.probe]
+                probes = [r for r in calls if r.probe]
+                link = stats(real, self.window)
+                del link["p50_ms"]
+                probe = stats(probes, self.window)
+                links[f"{src}>{dst}"] = {
+                    "src": src,
+                    "dst": dst,
+                    **link,
+                    "probe_rps": probe["rps"],
+                    "probe_error_pct": probe["error_pct"],
+                }
+            self._seq += 1
+            frame = {
+                "type": "frame",
+                "v": VERSION,
+                "ts": now,
+                "seq": self._seq,
+                "nodes": nodes,
+                "links": links,
+                "sample": self._take_sample(),
+                "totals": stats(self._totals_records(records), self.window),
+                "faults": [{"node": n, "kind": k} for n, k in sorted(self._fault_keys())],
+            }
+            self._last_frame = frame
+            return frame
+
+    def _in_flight(
+        self, name: str, mine: Sequence[Record], start: float, end: float, now: float
+    ) -> float:
+        reported = self._client_in_flight.get(name)
+        if reported is not None and now - reported[0] <= 2.0:
+            return float(reported[1])
+        busy = sum(max(0.0, min(r.ts, end) - max(r.ts - r.ms / 1000.0, start)) for r in mine)
+        return round(busy / (end - start), 2)
+
+    def _take_sample(self) -> list[dict[str, Any]]:
+        fresh, self._fresh_calls = self._fresh_calls, []
+        if len(fresh) > self.sample_size:
+            step = len(fresh) / self.sample_size
+            fresh = [fresh[int(i * step)] for i in range(self.sample_size)]
+        return [
+            {"src": r.src, "dst": r.dst, "status": r.status, "ms": round(r.ms, 2), "ts": r.ts}
+            for r in sorted(fresh, key=lambda r: r.ts)
+        ]
+
+    def _prune(self, before: float) -> None:
+        while self._records and self._records[0].ts < before:
+            self._records.popleft()
+
+    def _record_history(self, end: float) -> None:
+        """A point for every whole second completed since the last one (not older than
+        the records kept)."""
+        last_whole = math.floor(end)
+        if self._last_second is None:
+            self._last_second = last_whole - 1
+        first = max(self._last_second + 1, last_whole - 2)
+        for second in range(first, last_whole + 1):
+            records = self._between(second - 1, second)
+            self._history.append(
+                {
+                    "ts": second,
+                    "totals": stats(self._totals_records(records), 1.0),
+                    "nodes": {
+                        name: stats(self._node_records(records, name), 1.0)
+                        for name in self._node_names()
+                    },
+                }
+            )
+        self._last_second = max(self._last_second, last_whole)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "type": "snapshot",
+                "v": VERSION,
+                "ts": now,
+                "nodes": {
+                    name: {"role": self._roles.get(name, ""), "state": self._node_state(name)}
+                    for name in self._node_names()
+                },
+                "frame": self._last_frame,
+                "history": list(self._history),
+                "events": list(self._events),
+            }
+
+    def resume(self, snapshot: Mapping[str, Any]) -> None:
+        """Continue from a snapshot a previous supervisor stored: keep its history and
+        events, and do not announce again what it had already announced."""
+        with self._lock:
+            history = [p for p in snapshot.get("history", []) if isinstance(p, dict)]
+            self._history.extend(history)
+            if history:
+                self._last_second = int(history[-1]["ts"])
+            events = [e for e in snapshot.get("events", []) if isinstance(e, dict)]
+            self._events.extend(events)
+            self._event_horizon = max((float(e.get("ts", 0)) for e in events), default=0.0)
+
+
+def _status_change(old: str | None, new: str) -> str | None:
+    if old is None:
+        return "added"
+    if old == new:
+        return None
+    if new in DOWN_STATES:
+        return None if old in DOWN_STATES else "down"
+    if new == "paused":
+        return "paused"
+    if old == "paused":
+        return "resumed"
+    return "up"

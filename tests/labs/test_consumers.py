@@ -1,0 +1,234 @@
+"""The live sandbox stream, against the real ASGI application with real session cookies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.core.cache import cache
+from django.db import connections
+from django.test import Client
+from django.utils import timezone
+
+from apps.accounts.models import User
+from apps.labs.consumers import MAX_MESSAGE_BYTES, MAX_MESSAGES, UNKNOWN_MESSAGE
+from apps.labs.models import Sandbox
+from apps.labs.supervisor import group_name, snapshot_cache_key
+from config.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ORIGIN = (b"origin", b"http://localhost")
+
+
+def _make_sandbox(owner: User, state: str = Sandbox.State.RUNNING) -> Sandbox:
+    now = timezone.now()
+    return Sandbox.objects.create(
+        owner=owner,
+        pattern="replicated-lb",
+        state=state,
+        expires_at=now + timedelta(minutes=30),
+        last_seen_at=now - timedelta(minutes=5),
+    )
+
+
+def _cookie_for(user: User) -> tuple[bytes, bytes]:
+    client = Client()
+    client.force_login(user)  # a real session row and cookie (axes wants a request for login)
+    return (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
+
+
+make_sandbox = sync_to_async(_make_sandbox)
+cookie_for = sync_to_async(_cookie_for)
+
+
+@pytest.fixture(autouse=True)
+async def _close_db_connections(transactional_db: None) -> AsyncIterator[None]:
+    """The consumers' database thread keeps a connection: close it, so a later test
+    without database access does not trip over it."""
+    yield
+    await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
+def socket() -> Any:
+    """Opens a WebSocket to a sandbox's stream; every one opened is disconnected."""
+    opened: list[WebsocketCommunicator] = []
+
+    def open_(sandbox: Sandbox | str, *headers: tuple[bytes, bytes]) -> WebsocketCommunicator:
+        sandbox_id = sandbox.hex if isinstance(sandbox, Sandbox) else sandbox
+        communicator = WebsocketCommunicator(
+            application, f"/ws/sandboxes/{sandbox_id}/", headers=list(headers)
+        )
+        opened.append(communicator)
+        return communicator
+
+    return open_
+
+
+async def refused_with(communicator: WebsocketCommunicator) -> int:
+    connected, _ = await communicator.connect()
+    assert connected  # accepted, so that the browser sees the close code
+    closing = await communicator.receive_output(timeout=2)
+    assert closing["type"] == "websocket.close"
+    await communicator.wait()
+    return int(closing["code"])
+
+
+async def test_it_streams_a_snapshot_then_frames_and_events_to_the_owner(
+    learner: User, socket: Any
+) -> None:
+    sandbox = await make_sandbox(learner)
+    stored = {"type": "snapshot", "v": 1, "ts": 1.0, "nodes": {}, "frame": None,
+              "history": [{"ts": 1}], "events": []}  # fmt: skip
+    await cache.aset(snapshot_cache_key(sandbox.hex), stored)
+    ws = socket(sandbox, await cookie_for(learner), ORIGIN)
+    connected, _ = await ws.connect()
+    assert connected
+    assert await ws.receive_json_from(timeout=2) == stored
+
+    layer = get_channel_layer()
+    frame = {"type": "frame", "v": 1, "seq": 7}
+    await layer.group_send(group_name(sandbox.hex), {"type": "sandbox.frame", "data": frame})
+    assert await ws.receive_json_from(timeout=2) == frame
+    event = {"type": "event", "v": 1, "kind": "ejected", "text": "lb ejected replica-2"}
+    await layer.group_send(group_name(sandbox.hex), {"type": "sandbox.event", "data": event})
+    assert await ws.receive_json_from(timeout=2) == event
+    assert await ws.receive_nothing()
+    await ws.disconnect()
+
+    # Watching postponed idle expiry.
+    await sandbox.arefresh_from_db()
+    assert timezone.now() - sandbox.last_seen_at < timedelta(seconds=30)
+
+
+async def test_without_a_stored_snapshot_it_sends_an_empty_one(learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), ORIGIN)
+    assert (await ws.connect())[0]
+    snapshot = await ws.receive_json_from(timeout=2)
+    assert snapshot["type"] == "snapshot"
+    assert (snapshot["history"], snapshot["events"], snapshot["frame"]) == ([], [], None)
+    assert await ws.receive_nothing()
+    await ws.disconnect()
+
+
+async def test_staff_may_watch_but_do_not_keep_it_alive(
+    learner: User, instructor: User, socket: Any
+) -> None:
+    sandbox = await make_sandbox(learner)
+    await User.objects.filter(pk=instructor.pk).aupdate(is_staff=True)
+    ws = socket(sandbox, await cookie_for(instructor), ORIGIN)
+    assert (await ws.connect())[0]
+    assert (await ws.receive_json_from(timeout=2))["type"] == "snapshot"
+    assert await ws.receive_nothing()
+    await ws.disconnect()
+    before = sandbox.last_seen_at
+    await sandbox.arefresh_from_db()
+    assert sandbox.last_seen_at == before
+
+
+async def test_another_learner_gets_4404(learner: User, other_learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner)
+    assert await refused_with(socket(sandbox, await cookie_for(other_learner), ORIGIN)) == 4404
+
+
+async def test_an_unknown_sandbox_gets_4404(learner: User, socket: Any) -> None:
+    assert await refused_with(socket("0" * 32, await cookie_for(learner), ORIGIN)) == 4404
+    assert await refused_with(socket("not-a-uuid", await cookie_for(learner), ORIGIN)) == 4404
+
+
+async def test_an_anonymous_visitor_gets_4401(learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner)
+    assert await refused_with(socket(sandbox, ORIGIN)) == 4401
+
+
+async def test_a_stopped_sandbox_gets_4410(learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner, Sandbox.State.STOPPED)
+    assert await refused_with(socket(sandbox, await cookie_for(learner), ORIGIN)) == 4410
+
+
+async def test_another_origin_is_refused(learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), (b"origin", b"http://evil.example"))
+    connected, _ = await ws.connect()
+    assert connected is False
+    await ws.disconnect()
+
+
+async def test_ping_pong_and_unknown_messages(learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), ORIGIN)
+    assert (await ws.connect())[0]
+    await ws.receive_json_from(timeout=2)
+    await ws.send_json_to({"type": "ping"})
+    assert await ws.receive_json_from(timeout=2) == {"type": "pong"}
+    await ws.send_json_to({"type": "kill", "node": "lb"})
+    assert await ws.receive_json_from(timeout=2) == {"type": "error", "message": UNKNOWN_MESSAGE}
+    await ws.send_to(text_data="not json")
+    assert (await ws.receive_json_from(timeout=2))["type"] == "error"
+    assert await ws.receive_nothing()
+    await ws.disconnect()
+
+
+async def test_an_oversized_message_closes_with_4413(learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), ORIGIN)
+    assert (await ws.connect())[0]
+    await ws.receive_json_from(timeout=2)
+    await ws.send_to(text_data=json.dumps({"type": "ping", "pad": "x" * MAX_MESSAGE_BYTES}))
+    closing = await ws.receive_output(timeout=2)
+    assert closing == {"type": "websocket.close", "code": 4413}
+    await ws.disconnect()
+
+
+async def test_flooding_closes_with_4429(learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), ORIGIN)
+    assert (await ws.connect())[0]
+    await ws.receive_json_from(timeout=2)
+    for _ in range(MAX_MESSAGES):
+        await ws.send_json_to({"type": "ping"})
+        assert await ws.receive_json_from(timeout=2) == {"type": "pong"}
+    await ws.send_json_to({"type": "ping"})
+    assert await ws.receive_output(timeout=2) == {"type": "websocket.close", "code": 4429}
+    await ws.disconnect()
+
+
+async def test_nothing_leaks_between_sandboxes(
+    learner: User, other_learner: User, socket: Any
+) -> None:
+    mine, theirs = await make_sandbox(learner), await make_sandbox(other_learner)
+    a = socket(mine, await cookie_for(learner), ORIGIN)
+    b = socket(theirs, await cookie_for(other_learner), ORIGIN)
+    for ws in (a, b):
+        assert (await ws.connect())[0]
+        await ws.receive_json_from(timeout=2)
+    layer = get_channel_layer()
+    await layer.group_send(group_name(mine.hex), {"type": "sandbox.frame", "data": {"seq": 1}})
+    await layer.group_send(group_name(theirs.hex), {"type": "sandbox.frame", "data": {"seq": 2}})
+    assert await a.receive_json_from(timeout=2) == {"seq": 1}
+    assert await b.receive_json_from(timeout=2) == {"seq": 2}
+    assert await a.receive_nothing()
+    assert await b.receive_nothing()
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_the_end_of_the_sandbox_closes_with_4410(learner: User, socket: Any) -> None:
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), ORIGIN)
+    assert (await ws.connect())[0]
+    await ws.receive_json_from(timeout=2)
+    ended = {"type": "event", "kind": "sandbox_ended", "data": {"state": "stopped"}}
+    await get_channel_layer().group_send(
+        group_name(sandbox.hex), {"type": "sandbox.event", "data": ended}
+    )
+    assert await ws.receive_json_from(timeout=2) == ended
+    assert await ws.receive_output(timeout=2) == {"type": "websocket.close", "code": 4410}
+    await ws.disconnect()

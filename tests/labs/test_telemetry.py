@@ -1,0 +1,205 @@
+"""The aggregator's arithmetic, from synthetic telemetry lines (no sandbox, no sleeps)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apps.labs.telemetry import Aggregator, NodeView, parse_line
+
+T0 = 1_800_000_000.0
+NODES = [
+    NodeView("replica-1", "replica", "running"),
+    NodeView("replica-2", "replica", "running"),
+    NodeView("lb", "balancer", "running"),
+    NodeView("traffic", "client", "running"),
+]
+
+
+def call(src: str, dst: str, ts: float, status: int = 200, ms: float = 10.0, route: str = "/"):  # type: ignore[no-untyped-def]
+    return {"v": 1, "ts": ts, "node": src, "type": "call", "src": src, "dst": dst,
+            "method": "GET", "route": route, "status": status, "ms": ms,
+            "error": None if status else "connect"}  # fmt: skip
+
+
+def request(src: str, dst: str, ts: float, status: int = 200, ms: float = 5.0, route: str = "/"):  # type: ignore[no-untyped-def]
+    return {"v": 1, "ts": ts, "node": dst, "type": "request", "src": src, "dst": dst,
+            "method": "GET", "route": route, "status": status, "ms": ms}  # fmt: skip
+
+
+def state(node: str, ts: float, event: str, **fields: Any) -> dict[str, Any]:
+    return {"v": 1, "ts": ts, "node": node, "type": "state", "event": event, **fields}
+
+
+def aggregator() -> Aggregator:
+    agg = Aggregator(window=1.0, lag=0.0)
+    agg.update_status(nodes=NODES, faults=[], now=T0)
+    return agg
+
+
+def test_it_computes_rates_errors_and_percentiles() -> None:
+    agg = aggregator()
+    # 100 traffic calls in the second before T0+10: 10 failed, latencies 1..100 ms.
+    lines = []
+    for i in range(100):
+        ts = T0 + 9 + (i + 0.5) / 100
+        status = 502 if i % 10 == 0 else 200
+        lines.append(call("traffic", "lb", ts, status=status, ms=float(i + 1)))
+        lines.append(request("traffic", "lb", ts, status=status, ms=float(i + 1)))
+        replica = "replica-1" if i % 2 else "replica-2"
+        if status == 200:
+            lines.append(call("lb", replica, ts, ms=2.0))
+            lines.append(request("lb", replica, ts, ms=1.0))
+    lines.append(call("lb", "replica-1", T0 + 9.5, route="/health", status=0, ms=0.5))
+    lines.append(request("lb", "replica-1", T0 + 9.6, route="/health"))
+    lines.append(call("traffic", "lb", T0 + 5))  # outside the window
+    agg.ingest_many(lines)
+    frame = agg.frame(T0 + 10)
+
+    assert frame["type"] == "frame" and frame["v"] == 1 and frame["seq"] == 1
+    traffic = frame["nodes"]["traffic"]
+    assert traffic["rps"] == 100.0 and traffic["error_pct"] == 10.0
+    assert traffic["p50_ms"] == 50.0 and traffic["p99_ms"] == 99.0
+    assert frame["nodes"]["lb"]["rps"] == 100.0
+    assert frame["nodes"]["replica-1"]["rps"] == 50.0  # health checks are not traffic
+    assert frame["nodes"]["replica-2"]["rps"] == 40.0  # the failures were its turns
+    assert frame["totals"] == {"rps": 100.0, "error_pct": 10.0, "p50_ms": 50.0, "p99_ms": 99.0}
+    # Little's law: 100 requests of 50.5 ms on average in one second.
+    assert frame["nodes"]["lb"]["in_flight"] == 5.05
+
+    link = frame["links"]["lb>replica-1"]
+    assert link["rps"] == 50.0 and link["error_pct"] == 0.0 and link["p99_ms"] == 2.0
+    assert link["probe_rps"] == 1.0 and link["probe_error_pct"] == 100.0
+    assert frame["links"]["traffic>lb"]["error_pct"] == 10.0
+    assert all(n["state"] == "up" for n in frame["nodes"].values())
+
+
+def test_the_sample_is_capped_fresh_and_excludes_health_checks() -> None:
+    agg = aggregator()
+    agg.ingest_many(call("traffic", "lb", T0 + i / 1000) for i in range(500))
+    agg.ingest(call("lb", "replica-1", T0 + 0.6, route="/health"))
+    first = agg.frame(T0 + 1)
+    assert len(first["sample"]) == 40
+    assert set(first["sample"][0]) == {"src", "dst", "status", "ms", "ts"}
+    assert all(s["dst"] == "lb" for s in first["sample"])
+    assert [s["ts"] for s in first["sample"]] == sorted(s["ts"] for s in first["sample"])
+    agg.ingest(call("traffic", "lb", T0 + 1.1, status=0))
+    assert [s["status"] for s in agg.frame(T0 + 1.2)["sample"]] == [0]
+    assert agg.frame(T0 + 1.3)["sample"] == []
+
+
+def test_the_history_has_a_point_per_second_and_is_bounded() -> None:
+    agg = Aggregator(window=1.0, lag=0.0, history_seconds=300)
+    agg.update_status(nodes=NODES, faults=[], now=T0)
+    for second in range(400):
+        agg.ingest_many(call("traffic", "lb", T0 + second + i / 10 + 0.05) for i in range(10))
+        agg.frame(T0 + second + 1.0)
+    history = agg.snapshot(T0 + 401)["history"]
+    assert len(history) == 300
+    assert [p["ts"] for p in history] == list(range(int(T0) + 101, int(T0) + 401))
+    assert history[-1]["totals"]["rps"] == 10.0
+    assert history[-1]["nodes"]["traffic"]["rps"] == 10.0
+    assert set(history[-1]["nodes"]) == {"replica-1", "replica-2", "lb", "traffic"}
+
+
+def test_it_turns_state_lines_into_events_and_node_states() -> None:
+    agg = aggregator()
+    events = agg.ingest(
+        state("lb", T0 + 1, "ejected", target="replica-2", reason="failed 1 health check(s)")
+    )
+    assert [(e["type"], e["kind"], e["node"]) for e in events] == [("event", "ejected", "lb")]
+    assert events[0]["text"] == "lb ejected replica-2 (failed 1 health check(s))"
+    assert events[0]["data"]["target"] == "replica-2" and events[0]["ts"] == T0 + 1
+    assert agg.frame(T0 + 2)["nodes"]["replica-2"]["state"] == "ejected"
+
+    events = agg.ingest(state("lb", T0 + 3, "readmitted", target="replica-2", reason="ok"))
+    assert events[0]["text"] == "lb re-admitted replica-2 (ok)"
+    assert agg.frame(T0 + 3)["nodes"]["replica-2"]["state"] == "up"
+
+    events = agg.ingest(state("lb", T0 + 4, "policy", policy="random", previous="round-robin"))
+    assert events[0]["text"] == "lb switched policy from round-robin to random"
+    events = agg.ingest(state("replica-1", T0 + 5, "fault", kind="latency", params={"ms": 300.0}))
+    assert [e["kind"] for e in events] == ["fault"]
+    assert events[0]["text"] == "latency fault on replica-1 (ms=300.0)"
+    # The platform's record of the same fault announces nothing more.
+    same = [{"node": "replica-1", "kind": "latency", "params": {"ms": 300, "duration": 30}}]
+    assert agg.update_status(nodes=NODES, faults=same, now=T0 + 5.5) == []
+    assert agg.update_status(nodes=NODES, faults=[], now=T0 + 6) == []  # runtime still has it
+    events = agg.ingest(state("replica-1", T0 + 7, "fault_cleared", kind="latency"))
+    assert events[0]["text"] == "latency fault on replica-1 cleared"
+    assert agg.ingest({"v": 1, "ts": T0, "node": "x", "type": "state", "event": "peers"}) == []
+
+
+def test_engine_status_and_platform_faults_give_states_and_events() -> None:
+    agg = aggregator()
+    killed = [
+        NodeView("replica-1", "replica", "running"),
+        NodeView("replica-2", "replica", "exited", exit_code=-9),
+        NodeView("lb", "balancer", "paused"),
+        NodeView("traffic", "client", "running"),
+    ]
+    faults = [
+        {"node": "replica-2", "kind": "kill", "params": {"duration": 30}},
+        {"node": "replica-1", "kind": "partition", "params": {"duration": 30}},
+    ]
+    events = agg.update_status(nodes=killed, faults=faults, now=T0 + 1)
+    texts = {e["text"] for e in events}
+    assert texts == {
+        "replica-2 is down (exit code -9)",
+        "lb is paused",
+        "kill fault on replica-2 (for 30 s)",
+        "partition fault on replica-1 (for 30 s)",
+    }
+    states = {name: node["state"] for name, node in agg.frame(T0 + 2)["nodes"].items()}
+    assert states == {
+        "replica-1": "partitioned",
+        "replica-2": "killed",
+        "lb": "paused",
+        "traffic": "up",
+    }
+    assert agg.frame(T0 + 2)["faults"] == [
+        {"node": "replica-1", "kind": "partition"},
+        {"node": "replica-2", "kind": "kill"},
+    ]
+    back = [*NODES[:3], NodeView("replica-3", "replica", "running")]
+    events = agg.update_status(nodes=back, faults=[], now=T0 + 3)
+    assert {(e["node"], e["kind"]) for e in events} == {
+        ("replica-2", "up"),
+        ("lb", "resumed"),
+        ("replica-3", "added"),
+        ("traffic", "removed"),
+        ("replica-1", "fault_cleared"),
+        ("replica-2", "fault_cleared"),
+    }
+    assert "traffic" not in agg.frame(T0 + 4)["nodes"]
+
+
+def test_the_snapshot_keeps_the_last_hundred_events_and_a_resume_does_not_repeat_them() -> None:
+    agg = aggregator()
+    for i in range(150):
+        agg.ingest(state("lb", T0 + i, "ejected", target=f"replica-{i}", reason="x"))
+    agg.frame(T0 + 151)
+    snapshot = agg.snapshot(T0 + 151)
+    assert snapshot["type"] == "snapshot" and len(snapshot["events"]) == 100
+    assert snapshot["events"][-1]["data"]["target"] == "replica-149"
+    assert snapshot["nodes"]["lb"] == {"role": "balancer", "state": "up"}
+    assert snapshot["frame"]["seq"] == 1
+
+    resumed = Aggregator(window=1.0, lag=0.0)
+    resumed.resume(snapshot)
+    assert resumed.ingest(state("lb", T0 + 149, "ejected", target="replica-149")) == []
+    assert len(resumed.ingest(state("lb", T0 + 152, "ejected", target="replica-1"))) == 1
+    assert resumed.snapshot(T0 + 153)["history"] == snapshot["history"]
+    # Faults the previous supervisor saw are not announced again; new ones are.
+    kill = {"node": "replica-1", "kind": "kill", "params": {}}
+    assert resumed.update_status(nodes=NODES, faults=[kill], now=T0 + 153) == []
+    pause = {"node": "lb", "kind": "pause", "params": {}}
+    events = resumed.update_status(nodes=NODES, faults=[kill, pause], now=T0 + 154)
+    assert [(e["node"], e["kind"]) for e in events] == [("lb", "fault")]
+
+
+def test_junk_lines_are_skipped() -> None:
+    assert parse_line(b"not json") is None
+    assert parse_line(b'{"v": 2, "ts": 1, "node": "a", "type": "request"}') is None
+    assert parse_line(b"[1, 2]") is None
+    assert parse_line(b'{"v": 1, "ts": 1.5, "node": "a", "type": "call"}') == {
+        "v": 1, "ts": 1.5, "node": "a", "type": "call"}  # fmt: skip
