@@ -36,6 +36,16 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def shared_test_database_url() -> str:
+    """DATABASE_URL of the test database, for a subprocess (a worker, a command) that must
+    see the rows this test commits. Requires PostgreSQL (in CI); skips elsewhere."""
+    from django.db import connection
+
+    require(connection.vendor == "postgresql", "PostgreSQL (a database another process can open)")
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
 def make_user(username: str, role: str = User.Role.LEARNER) -> User:
     return User.objects.create_user(
         username=username, email=f"{username}@example.invalid", password=PASSWORD, role=role

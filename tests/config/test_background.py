@@ -14,11 +14,10 @@ import pytest
 import redis
 from celery import Celery
 from django.conf import settings
-from django.db import connection
 
 from apps.courses.models import Chapter
 from apps.courses.tasks import content_sync_task
-from tests.conftest import REPO, require
+from tests.conftest import REPO, require, shared_test_database_url
 from tests.courses.factories import write_chapter
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -75,11 +74,7 @@ def redis_answers() -> bool:
 @pytest.mark.django_db(transaction=True)
 def test_a_real_worker_runs_tasks_through_redis(folder: Path) -> None:
     require(redis_answers(), f"Redis at {REDIS_URL}")
-    require(connection.vendor == "postgresql", "DATABASE_URL pointing at PostgreSQL")
-    db = connection.settings_dict
-    database_url = (
-        f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-    )
+    database_url = shared_test_database_url()
     env = {
         **os.environ,
         "DEBUG": "true",

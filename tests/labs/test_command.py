@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
 from django.utils import timezone
 
 from apps.accounts.models import User
 from apps.labs.engine.base import Engine
 from apps.labs.models import Fault, Sandbox
-from tests.conftest import REPO, require
+from tests.conftest import REPO, shared_test_database_url
 from tests.labs.engine.test_contract import wait_for
 
 pytestmark = pytest.mark.django_db
@@ -93,10 +92,8 @@ def test_a_worker_killed_mid_launch_leaves_exactly_one_sandbox(
 ) -> None:  # type: ignore[no-untyped-def]
     """Kill the launching process while it brings nodes up; housekeeping then finishes
     the launch by adopting what exists: one sandbox, nothing orphaned."""
-    require(connection.vendor == "postgresql", "PostgreSQL (a database another process can open)")
+    url = shared_test_database_url()
     User.objects.create_user(username="op", password="x")
-    db = connection.settings_dict
-    url = f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
     env = {
         **os.environ,
         "DEBUG": "true",
