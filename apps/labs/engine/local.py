@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,10 +46,22 @@ REPO = Path(__file__).resolve().parents[3]
 STATE_FILE = "sandbox.json"
 
 
+# Listening ports for nodes come from below the kernel's ephemeral range (32768 and up by
+# default): a port the kernel hands out for outgoing connections could otherwise be taken
+# by one of the nodes' own calls between our check and the node binding it.
+NODE_PORTS = range(20000, 32000)
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    for _ in range(200):
+        port = random.choice(NODE_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise EngineError("no free port for a node between 20000 and 32000")
 
 
 def _proc_state(pid: int) -> str | None:
