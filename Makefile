@@ -55,7 +55,7 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in bench/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 # Regenerate requirements.lock after editing pyproject.toml (needs uv: `pip install uv`).
 lock:

@@ -21,26 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import statistics
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from _harness import percentile, platform
+
 TARGET_P99_MS = 300.0
-
-
-def percentile(samples: list[float], q: float) -> float | None:
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))], 1)
 
 
 def main() -> None:
@@ -50,54 +38,28 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.25, help="supervisor frame interval")
     args = parser.parse_args()
 
-    tmp = tempfile.mkdtemp(prefix="distlab-telemetry-")
-    os.environ.setdefault("DEBUG", "true")
-    os.environ["DATABASE_URL"] = f"sqlite:///{tmp}/bench.sqlite3"
-    os.environ["DISTLAB_VAR_DIR"] = tmp
-    os.environ["SANDBOX_ENGINE"] = args.engine
-    os.environ["SANDBOX_INSTANCE"] = f"bench-{os.getpid()}"
-    os.environ["CONTENT_AUTO_SYNC"] = "false"
-    os.environ["LOG_LEVEL"] = "WARNING"
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-
-    import django
-
-    django.setup()
-    from channels.layers import get_channel_layer
-    from django.core.management import call_command
-    from django.test import Client
-
-    from apps.accounts.models import User
-    from apps.labs import services
-    from apps.labs.engine import get_engine
-    from apps.labs.supervisor import Supervisor
-
-    call_command("migrate", verbosity=0)
-    engine = get_engine()
-    user = User.objects.create_user(username="bench-viewer")
-    client = Client()
-    client.force_login(user)
-    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
-    created = services.sandbox_launch(user=user, pattern_id="replicated-lb", enqueue=False)
-    sandbox = services.sandbox_start(sandbox_id=created.hex)
-    services.sandbox_control(sandbox=sandbox, control_id="rps", value=40)
-
-    stop = threading.Event()
-    supervisor = threading.Thread(
-        target=Supervisor(engine, get_channel_layer(), interval=args.interval).run, args=(stop,)
-    )
-    supervisor.start()
     frame_ms: list[float] = []
     event_ms: list[float] = []
-    frames = 0
-    try:
-        frames = asyncio.run(_watch(sandbox, cookie, args.seconds, frame_ms, event_ms))
-    finally:
-        stop.set()
-        supervisor.join(timeout=10)
-        engine.destroy(sandbox.hex)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with platform("distlab-telemetry-", engine=args.engine, redis=True) as lab:
+        from channels.layers import get_channel_layer
+
+        from apps.labs.supervisor import Supervisor
+
+        user = lab.user("bench-viewer")
+        cookie = lab.cookie(user).encode()
+        sandbox = lab.launch(user, rps=40)
+        engine = lab.engine
+        stop = threading.Event()
+        supervisor = threading.Thread(
+            target=Supervisor(engine, get_channel_layer(), interval=args.interval).run,
+            args=(stop,),
+        )
+        supervisor.start()
+        try:
+            frames = asyncio.run(_watch(sandbox, cookie, args.seconds, frame_ms, event_ms))
+        finally:
+            stop.set()
+            supervisor.join(timeout=10)
     every = frame_ms + event_ms
     result: dict[str, Any] = {
         "benchmark": "telemetry_latency",
@@ -152,10 +114,13 @@ async def _watch(
                 sandbox=sandbox, control_id="policy", value=policy
             )
         try:
-            message = await ws.receive_json_from(timeout=1)
+            text = await ws.receive_from(timeout=1)
         except TimeoutError:
             continue
         now = time.time()
+        if not text.startswith("{"):
+            continue  # an HTML fragment for the page's event log
+        message = json.loads(text)
         if message.get("type") == "frame":
             frames += 1
             frame_ms.extend((now - s["ts"]) * 1000 for s in message["sample"])
