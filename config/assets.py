@@ -19,6 +19,11 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 NPM_FILES = {
     "mermaid/dist/mermaid.min.js": "mermaid/mermaid.min.js",
     "mermaid/LICENSE": "mermaid/LICENSE",
+    "uplot/dist/uPlot.iife.min.js": "uplot/uPlot.iife.min.js",
+    "uplot/dist/uPlot.min.css": "uplot/uPlot.min.css",
+    "uplot/LICENSE": "uplot/LICENSE",
+    "htmx-ext-ws/dist/ws.min.js": "htmx-ext-ws/ws.min.js",
+    "htmx-ext-ws/LICENSE": "htmx-ext-ws/LICENSE",
 }
 LIGHT_STYLE = "friendly"
 DARK_STYLE = "github-dark"

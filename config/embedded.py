@@ -1,17 +1,23 @@
-"""Background work without Redis: a Celery worker and beat inside the current process.
+"""Background work without Redis: a Celery worker and beat, and the telemetry supervisor,
+inside the current process.
 
-Celery's in-memory transport only connects producers and consumers in one process, so
-``manage.py serve`` starts this next to the web server. The tasks, countdowns, retries
-and the beat schedule are the same ones the classroom stack runs on Redis.
+Celery's in-memory transport and the in-memory channel layer only connect producers and
+consumers in one process, so ``manage.py serve`` starts these next to the web server. The
+tasks, countdowns, retries and the beat schedule are the same ones the classroom stack
+runs on Redis, and the supervisor is the one ``manage.py supervise`` runs there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, beat
+
+if TYPE_CHECKING:
+    from apps.labs.engine.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +57,38 @@ class EmbeddedCelery:
             self.beat.stop()
         self.worker.stop(in_sighandler=False)
         self._thread.join(timeout=10)
+
+
+class EmbeddedSupervisor:
+    """The telemetry supervisor (``apps.labs.supervisor``) in a thread of the web process.
+
+    The in-memory channel layer is tied to one event loop: its messages must be sent on
+    the loop its consumers run on, so ``loop`` must then be the web server's own loop.
+    With Redis the supervisor runs a loop of its own (``loop=None``). ``stop`` sets the
+    supervisor's stop event and waits for it to let go of every node."""
+
+    def __init__(
+        self, engine: Engine, layer: Any, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        from apps.labs.supervisor import Supervisor
+
+        self.supervisor = Supervisor(engine, layer, loop=loop)
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self.supervisor.run, args=(self.stopping,), name="supervisor", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("telemetry supervisor started in-process")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop and wait (idempotent: a second call returns at once)."""
+        if self._thread.ident is None or (self.stopping.is_set() and not self._thread.is_alive()):
+            return
+        self.stopping.set()
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            log.warning("the telemetry supervisor did not stop within %s s", timeout)
+        else:
+            log.info("telemetry supervisor stopped")

@@ -229,6 +229,10 @@ SANDBOX_PER_INSTRUCTOR = env.int("SANDBOX_PER_INSTRUCTOR", 3, minimum=0)
 SANDBOX_MAX_TOTAL = env.int("SANDBOX_MAX_TOTAL", 30, minimum=1)
 SANDBOX_LAUNCH_TIMEOUT = env.int("SANDBOX_LAUNCH_TIMEOUT", 60, minimum=5)
 SANDBOX_REAP_INTERVAL = env.int("SANDBOX_REAP_INTERVAL", 30, minimum=5)
+# Whether `manage.py serve` runs the telemetry supervisor inside the web process. It must
+# without Redis (the in-memory channel layer reaches only this process's viewers); with
+# Redis the classroom stack runs `manage.py supervise` as a service of its own.
+SANDBOX_SUPERVISOR_IN_PROCESS = env.bool("SANDBOX_SUPERVISOR_IN_PROCESS", not REDIS_URL)
 
 # --- Static files ---------------------------------------------------------------------
 STATIC_URL = "static/"

@@ -14,6 +14,7 @@ from django.http import Http404
 from apps.accounts.models import User
 from apps.courses.content import Rendered, TocEntry, render_inline, render_markdown
 from apps.courses.models import Chapter, ChapterProgress, ContentProblem, QuizAttempt
+from apps.labs.selectors import experiment_progress_for_user
 
 # Bump when the renderer's output changes so cached HTML from older code is not served.
 RENDER_VERSION = "1"
@@ -25,6 +26,8 @@ class ChapterRow:
     chapter: Chapter
     read: bool
     best_score: int | None
+    experiments_done: int = 0  # the chapter's sandbox experiments with a checked result
+    experiments_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,12 @@ def chapter_list_live() -> list[Chapter]:
 
 
 def chapter_list_for_user(*, user: User | None) -> list[ChapterRow]:
-    """The live chapters in order, with the user's read mark and best quiz score."""
+    """The live chapters in order, with the user's read mark, best quiz score, and how
+    many of the experiments of the chapter's sandbox they have done."""
     chapters = chapter_list_live()
     read: set[int] = set()
     best: dict[int, int] = {}
+    experiments: dict[str, tuple[int, int]] = {}
     if user is not None and user.is_authenticated:
         read = set(ChapterProgress.objects.filter(user=user).values_list("chapter_id", flat=True))
         best = dict(
@@ -68,7 +73,13 @@ def chapter_list_for_user(*, user: User | None) -> list[ChapterRow]:
             .annotate(best=Max("score"))
             .values_list("chapter_id", "best")
         )
-    return [ChapterRow(c, c.pk in read, best.get(c.pk)) for c in chapters]
+        experiments = experiment_progress_for_user(
+            user=user, patterns={c.sandbox for c in chapters}
+        )
+    return [
+        ChapterRow(c, c.pk in read, best.get(c.pk), *experiments.get(c.sandbox, (0, 0)))
+        for c in chapters
+    ]
 
 
 def chapter_get(*, slug: str) -> Chapter:

@@ -1,9 +1,12 @@
 """The live sandbox stream: ``/ws/sandboxes/<id>/``.
 
 At connect the viewer is checked (``sandbox_get_for_user``), joins the sandbox's group and
-gets a snapshot (nodes, last frame, history, recent events); then frames and events from
-the supervisor are forwarded as they come. Refusals are sent as close codes after
-accepting, so browsers see them (a refusal before accepting reaches them as a bare 403):
+gets a snapshot (nodes, last frame, history, recent events) and the event log as an HTML
+fragment; then frames and events from the supervisor are forwarded as they come, each
+event also as an HTML fragment for the log (JSON messages start with ``{``, fragments with
+``<``: the page hands JSON to its own code and fragments to htmx's WebSocket extension).
+Refusals are sent as close codes after accepting, so browsers see them (a refusal before
+accepting reaches them as a bare 403):
 
 * 4401 not signed in · 4404 no such sandbox, or not yours · 4410 the sandbox is not active
 * 4413 a client message over ``MAX_MESSAGE_BYTES`` · 4429 more than ``MAX_MESSAGES`` client
@@ -17,6 +20,8 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -24,6 +29,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
+from django.template.loader import render_to_string
 
 from apps.labs import selectors, services
 from apps.labs.models import ACTIVE_STATES, Sandbox
@@ -39,8 +45,35 @@ MAX_MESSAGE_BYTES = 4096
 MAX_MESSAGES = 20
 RATE_WINDOW_S = 5.0
 TOUCH_EVERY_S = 60.0
+EVENT_OOB = "labs/sandbox.html#event_oob"
+EVENTS = "labs/sandbox.html#events"
+# The supervisor's messages (``apps/labs/supervisor.py``) and their handlers.
+SUPERVISOR_MESSAGES = {"sandbox.frame": "sandbox_frame", "sandbox.event": "sandbox_event"}
 UNKNOWN_MESSAGE = 'Unknown message: the only message accepted is {"type": "ping"}.'
 BAD_JSON = "Messages must be JSON objects."
+
+
+def _event_context(event: Mapping[str, Any]) -> dict[str, Any]:
+    ts = event.get("ts")
+    when = datetime.fromtimestamp(ts, UTC) if isinstance(ts, int | float) else None
+    return {
+        "kind": str(event.get("kind", "")),
+        "node": str(event.get("node") or ""),
+        "text": str(event.get("text", "")),
+        "ts": ts if when else "",
+        "iso": when.isoformat() if when else "",
+        "clock": when.strftime("%H:%M:%S UTC") if when else "",
+    }
+
+
+def render_event(event: Mapping[str, Any]) -> str:
+    """One event as an htmx out-of-band fragment that goes on top of the event log."""
+    return render_to_string(EVENT_OOB, {"event": _event_context(event)})
+
+
+def render_events(events: Iterable[Mapping[str, Any]]) -> str:
+    """The whole event log (newest first), replacing the page's."""
+    return render_to_string(EVENTS, {"events": [_event_context(e) for e in events]})
 
 
 @database_sync_to_async
@@ -82,9 +115,12 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
         self.group = group_name(sandbox.hex)
         await self.channel_layer.group_add(self.group, self.channel_name)
         snapshot = await cache.aget(snapshot_cache_key(sandbox.hex))
-        await self.send_json(
-            snapshot if isinstance(snapshot, dict) else empty_snapshot(time.time())
-        )
+        if not isinstance(snapshot, dict):
+            snapshot = empty_snapshot(time.time())
+        await self.send_json(snapshot)
+        # The event log, newest first, as a fragment the page swaps in whole (a reconnect
+        # replaces it rather than repeating events).
+        await self.send(text_data=render_events(reversed(snapshot.get("events") or [])))
         await self._keep_alive()
 
     async def disconnect(self, code: int) -> None:
@@ -141,15 +177,35 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
 
     # --- from the supervisor -----------------------------------------------------------
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Frames and events go straight to their handler. Channels would first close stale
+        database connections, a hop to the one database thread for every message of every
+        viewer (hundreds a second, all in a queue); these handlers do not use the database,
+        and what does (``_check``) closes stale connections itself."""
+        if message["type"] in SUPERVISOR_MESSAGES:
+            await getattr(self, SUPERVISOR_MESSAGES[message["type"]])(message)
+        else:
+            await super().dispatch(message)
+
+    async def _forward(self, message: dict[str, Any]) -> None:
+        """The supervisor's JSON as it encoded it (``text``: once for every viewer), or
+        ``data`` encoded here."""
+        text = message.get("text")
+        if isinstance(text, str):
+            await self.send(text_data=text)
+        else:
+            await self.send_json(message["data"])
+
     async def sandbox_frame(self, message: dict[str, Any]) -> None:
         if self.group is None:
             return
-        await self.send_json(message["data"])
+        await self._forward(message)
         await self._keep_alive()
 
     async def sandbox_event(self, message: dict[str, Any]) -> None:
         if self.group is None:
             return
-        await self.send_json(message["data"])
+        await self._forward(message)
+        await self.send(text_data=render_event(message["data"]))
         if message["data"].get("kind") == "sandbox_ended":
             await self._close(CLOSE_GONE)

@@ -39,6 +39,10 @@ class Sandbox(models.Model):
     expires_at = models.DateTimeField()
     last_seen_at = models.DateTimeField()
     launch_seconds = models.FloatField(null=True, blank=True)
+    # What a launch is doing now (shown while it starts): see services.sandbox_start.
+    stage = models.CharField(max_length=80, blank=True)
+    # The live controls' current values (control id → value), re-applied after a restart.
+    controls = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -134,3 +138,58 @@ class Fault(models.Model):
     @property
     def is_active(self) -> bool:
         return self.reverted_at is None and self.expires_at is not None
+
+
+class ExperimentRun(models.Model):
+    """One learner's run of one of a pattern's experiments on their sandbox.
+
+    ``running`` from the start until the check (``checked``: ``measured``, ``correct`` and
+    ``explanation`` are set), or until it ``failed`` (``error`` says why, for the learner)
+    or was ``cancelled``. At most one run per sandbox is running. ``timeline`` holds when
+    each step actually started (Unix seconds), ``saved_controls`` the live controls' values
+    when the run started (for actions that put them back). Services: ``labs.experiments``.
+    """
+
+    class State(models.TextChoices):
+        RUNNING = "running", "Running"
+        CHECKED = "checked", "Checked"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="experiment_runs"
+    )
+    sandbox = models.ForeignKey(
+        Sandbox, null=True, blank=True, on_delete=models.SET_NULL, related_name="experiment_runs"
+    )
+    pattern = models.SlugField(max_length=80)
+    experiment = models.SlugField(max_length=80)
+    prediction = models.JSONField(help_text="an option id, or a number")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.RUNNING)
+    step_index = models.PositiveIntegerField(default=0)
+    timeline = models.JSONField(default=list, blank=True)
+    saved_controls = models.JSONField(default=dict, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    measured = models.JSONField(default=dict, blank=True)
+    correct = models.BooleanField(null=True, blank=True)
+    explanation = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-pk"]
+        indexes = [models.Index(fields=["user", "pattern", "experiment"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["sandbox"],
+                condition=models.Q(state="running"),
+                name="one_running_experiment_per_sandbox",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.pattern}/{self.experiment} by {self.user_id} ({self.state})"
+
+    @property
+    def is_running(self) -> bool:
+        return self.state == self.State.RUNNING

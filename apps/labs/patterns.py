@@ -1,16 +1,18 @@
 """Patterns: the blueprints in ``sandboxes/patterns/<pattern_id>/``, loaded and validated.
 
-A pattern is a folder holding ``pattern.yaml`` (its topology, traffic profile, faults and
-live controls; the format is documented in ``sandboxes/README.md``) and the node programs
-it names. ``load_pattern`` reads and checks the spec, raising ``PatternError`` with
-``file:line`` on the first problem; ``Pattern.expand`` turns it into the concrete nodes an
-engine starts (``replica-1`` … ``replica-N``), each with its environment.
+A pattern is a folder holding ``pattern.yaml`` (its topology, traffic profile, faults,
+live controls and experiments; the format is documented in ``sandboxes/README.md``) and
+the node programs it names. ``load_pattern`` reads and checks the spec, raising
+``PatternError`` with ``file:line`` on the first problem; ``Pattern.expand`` turns it into
+the concrete nodes an engine starts (``replica-1`` … ``replica-N``), each with its
+environment.
 
 Pure Python: no Django, no database, so the engines, commands and tests can all use it.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -23,6 +25,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import yaml
 
+from apps.labs.measures import MEASURES, Output, TemplateError, safe_format, template_fields
 from sandboxes.runtime.faults import ENGINE_KINDS, RUNTIME_KINDS
 
 PATTERNS_ROOT = Path(__file__).resolve().parent.parent.parent / "sandboxes" / "patterns"
@@ -59,6 +62,28 @@ KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 ENV_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,127}$")
 PROGRAM_RE = re.compile(r"^[a-z_][a-z0-9_]*\.py$")
 INSTANCE_RE = re.compile(r"^(?P<role>.+)-(?P<n>[1-9][0-9]*)$")
+
+EXPERIMENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # experiments, steps, options
+PREDICTION_KINDS = ("choice", "number")
+ACTION_KINDS = ("fault", "control")
+JUDGE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
+# The parameters the platform's faults take (services.FAULT_PARAMS checks their values).
+FAULT_PARAM_NAMES: dict[str, tuple[str, ...]] = {
+    "latency": ("ms", "jitter_ms"),
+    "errors": ("rate", "status"),
+    "drop": ("rate",),
+}
+MAX_FAULT_S = 600
+MAX_STEP_S = 120
+MAX_EXPERIMENT_S = 240  # the history the check reads holds 5 minutes
+# "0.8 * rr_share_pct": a judging rule's operand may scale another measured value.
+OPERAND_RE = re.compile(r"^(?:(?P<factor>[0-9]+(?:\.[0-9]+)?)\s*\*\s*)?(?P<name>[a-z][a-z0-9_]*)$")
+TEMPLATE_EXTRAS = ("prediction", "answer")  # besides measured and spec values
+
+PREDICTION_MISSING = "Choose an answer before you start."
+PREDICTION_UNKNOWN = "{value!r} is not one of the answers: choose one of the options."
+PREDICTION_NOT_NUMBER = "Enter your prediction as a number{unit}."
+PREDICTION_OUT_OF_RANGE = "Your prediction must be from {min:g} to {max:g}{unit}."
 
 UNKNOWN_PATTERN = "No pattern named {pattern_id!r}."
 UNKNOWN_KEY = "unknown key {key!r} (expected one of: {expected})"
@@ -237,6 +262,220 @@ class Control:
         return int(value) if self.kind == "scale" else value
 
 
+@dataclass(frozen=True)
+class Option:
+    id: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the learner answers before acting: one of ``options`` (``choice``), or a
+    number with a ``unit``, optionally bounded (``number``)."""
+
+    question: str
+    kind: str
+    options: tuple[Option, ...] = ()
+    unit: str = ""
+    min: float | None = None
+    max: float | None = None
+
+    def option(self, option_id: Any) -> Option | None:
+        return next((o for o in self.options if o.id == option_id), None)
+
+    def validate(self, raw: Any) -> str | float:
+        """The prediction as stored (an option id, or a float), or ValueError with a
+        sentence for the learner. Numbers may come as form text."""
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            raise ValueError(
+                PREDICTION_MISSING
+                if self.kind == "choice"
+                else PREDICTION_NOT_NUMBER.format(unit=self._in_unit())
+            )
+        if self.kind == "choice":
+            if self.option(raw) is None:
+                raise ValueError(PREDICTION_UNKNOWN.format(value=raw))
+            return str(raw)
+        value = raw
+        if isinstance(raw, str):
+            try:
+                value = float(raw.strip().replace(",", "."))
+            except ValueError:
+                value = None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(PREDICTION_NOT_NUMBER.format(unit=self._in_unit()))
+        low = -math.inf if self.min is None else self.min
+        high = math.inf if self.max is None else self.max
+        if not low <= value <= high:
+            raise ValueError(
+                PREDICTION_OUT_OF_RANGE.format(
+                    min=low, max=high, unit=f" {self.unit}" if self.unit else ""
+                )
+            )
+        return float(value)
+
+    def show(self, value: Any) -> str:
+        """A prediction (or an answer) as the learner reads it."""
+        if self.kind == "choice":
+            option = self.option(value)
+            return option.label if option else str(value)
+        if isinstance(value, int | float):
+            return f"{value:g} {self.unit}".strip()
+        return str(value)
+
+    def _in_unit(self) -> str:
+        return f" (in {self.unit})" if self.unit else ""
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a step does as it starts: a ``fault`` (``node``, ``fault`` kind, ``duration_s``,
+    ``params``), given to ``services.fault_inject``; or a ``control`` (``control`` id, and
+    ``value``, or ``restore``: the value it had when the run started), given to
+    ``services.sandbox_control``."""
+
+    kind: str
+    node: str = ""
+    fault: str = ""
+    duration_s: int = 0
+    params: Mapping[str, Any] = field(default_factory=dict)
+    control: str = ""
+    value: Any = None
+    restore: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "fault":
+            params = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+            how = f" ({params})" if params else ""
+            length = f" for {self.duration_s} s" if self.duration_s else ""
+            return f"{self.fault} {self.node}{how}{length}"
+        if self.restore:
+            return f"put {self.control} back as it was"
+        value = json.dumps(self.value) if isinstance(self.value, bool) else self.value
+        return f"set {self.control} to {value}"
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    text: str
+    actions: tuple[Action, ...]
+    duration_s: float  # before the next step (or, for the last, before the check)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``value op operand``: operand is a number, or ``factor`` times another measured value."""
+
+    value: str
+    op: str
+    operand: float | str
+    factor: float = 1.0
+
+    def holds(self, measured: Mapping[str, float]) -> bool:
+        left = measured[self.value]
+        right = (
+            self.factor * measured[self.operand] if isinstance(self.operand, str) else self.operand
+        )
+        return {
+            "lt": left < right,
+            "le": left <= right,
+            "gt": left > right,
+            "ge": left >= right,
+            "eq": left == right,
+            "ne": left != right,
+        }[self.op]
+
+
+@dataclass(frozen=True)
+class Rule:
+    answer: str
+    conditions: tuple[Condition, ...] = ()
+
+    def holds(self, measured: Mapping[str, float]) -> bool:
+        return all(c.holds(measured) for c in self.conditions)
+
+
+@dataclass(frozen=True)
+class Judge:
+    """How a prediction is judged. Choice: the first of ``rules`` that holds names the
+    right option (the last rule has no conditions). Number: the measured ``value`` is the
+    answer; the prediction is right within ``tolerance`` (absolute) or ``tolerance_pct``
+    (of the answer), or when it falls in the same bucket (``buckets``: ascending edges,
+    each bucket ``[edge, next edge)``)."""
+
+    rules: tuple[Rule, ...] = ()
+    value: str = ""
+    tolerance: float | None = None
+    tolerance_pct: float | None = None
+    buckets: tuple[float, ...] = ()
+
+    def answer(self, measured: Mapping[str, float]) -> str | float:
+        if self.rules:
+            return next(r.answer for r in self.rules if r.holds(measured))
+        return measured[self.value]
+
+    def correct(self, prediction: Any, measured: Mapping[str, float]) -> bool:
+        answer = self.answer(measured)
+        if self.rules:
+            return prediction == answer
+        assert isinstance(answer, int | float)
+        if self.buckets:
+            return bisect.bisect_right(self.buckets, prediction) == bisect.bisect_right(
+                self.buckets, answer
+            )
+        miss = abs(float(prediction) - answer)
+        return (self.tolerance is not None and miss <= self.tolerance + 1e-9) or (
+            self.tolerance_pct is not None and miss <= self.tolerance_pct / 100 * abs(answer) + 1e-9
+        )
+
+
+@dataclass(frozen=True)
+class Check:
+    """The automatic check: a measure (``measures.MEASURES``) with its parameters, how the
+    prediction is judged, and the explanation: a template per right answer (option id)
+    or ``default``, filled with the measured values, the pattern's values
+    (``Pattern.spec_values``), ``prediction`` and ``answer``."""
+
+    measure: str
+    params: Mapping[str, Any]
+    judge: Judge
+    explanation: Mapping[str, str]
+    outputs: Mapping[str, Output]
+    show: tuple[str, ...]  # the measured values the result lists, in order
+
+    def template(self, answer: Any) -> str:
+        return self.explanation.get(str(answer), self.explanation.get("default", ""))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A guided predict → act → observe exercise (``experiments:`` in the spec)."""
+
+    id: str
+    title: str
+    intro: str
+    prediction: Prediction
+    steps: tuple[Step, ...]
+    check: Check
+    line: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return sum(s.duration_s for s in self.steps)
+
+    def step_offsets(self) -> list[float]:
+        """When each step is due, in seconds after the run starts; then the end."""
+        offsets = [0.0]
+        for step in self.steps:
+            offsets.append(offsets[-1] + step.duration_s)
+        return offsets
+
+
 class ConcreteNode(NamedTuple):
     """One node to start: unpacks as ``(name, role, program, env)``."""
 
@@ -259,6 +498,7 @@ class Pattern:
     controls: tuple[Control, ...]
     traffic: Traffic | None = None
     health_check: HealthCheck | None = None
+    experiments: tuple[Experiment, ...] = ()
     _by_instance_role: Mapping[str, NodeDef] = field(default_factory=dict, repr=False)
 
     def expand(self, count_overrides: Mapping[str, int] | None = None) -> list[ConcreteNode]:
@@ -316,6 +556,20 @@ class Pattern:
 
     def control(self, control_id: str) -> Control | None:
         return next((c for c in self.controls if c.id == control_id), None)
+
+    def experiment(self, experiment_id: str) -> Experiment | None:
+        return next((e for e in self.experiments if e.id == experiment_id), None)
+
+    def spec_values(self) -> dict[str, float]:
+        """Values from the spec an explanation template may use, by dotted name."""
+        values: dict[str, float] = {}
+        if self.health_check is not None:
+            for name in ("interval_s", "timeout_s", "unhealthy_threshold", "healthy_threshold"):
+                values[f"health_check.{name}"] = getattr(self.health_check, name)
+        if self.traffic is not None:
+            values["traffic.rps"] = self.traffic.rps
+            values["traffic.timeout_s"] = self.traffic.timeout_s
+        return values
 
     def _env(self, node_def: NodeDef) -> dict[str, str]:
         env = dict(node_def.env)
@@ -508,7 +762,16 @@ class _Spec:
             top,
             "pattern",
             ["title", "nodes"],
-            ["summary", "links", "layout", "traffic", "health_check", "faults", "controls"],
+            [
+                "summary",
+                "links",
+                "layout",
+                "traffic",
+                "health_check",
+                "faults",
+                "controls",
+                "experiments",
+            ],
         )
         title = self.text(top, "title", "title")
         summary = self.text(top, "summary", "summary").strip() if "summary" in top else ""
@@ -523,7 +786,7 @@ class _Spec:
         health_check = self.health_check(top, by_name) if "health_check" in top else None
         faults = self.faults(top) if "faults" in top else ()
         controls = self.controls(top, by_name, roles) if "controls" in top else ()
-        return Pattern(
+        pattern = Pattern(
             id=pattern_id,
             title=title.strip(),
             summary=summary,
@@ -537,6 +800,9 @@ class _Spec:
             health_check=health_check,
             _by_instance_role=MappingProxyType(roles),
         )
+        if "experiments" in top:
+            pattern = dataclasses.replace(pattern, experiments=self.experiments(top, pattern))
+        return pattern
 
     def nodes(self, top: _Map, folder: Path) -> tuple[NodeDef, ...]:
         seq = self.sequence(top, "nodes", "nodes")
@@ -850,3 +1116,475 @@ class _Spec:
                 self.fail(self.line(m, "default"), f"{where}.default: {exc}")
             control = dataclasses.replace(control, default=default)
         return control
+
+    # -- experiments --
+
+    def experiments(self, top: _Map, pattern: Pattern) -> tuple[Experiment, ...]:
+        seq = self.sequence(top, "experiments", "experiments")
+        out: list[Experiment] = []
+        for index in range(len(seq)):
+            where = f"experiments[{index}]"
+            m = self.item(seq, index, where)
+            self.keys(m, where, ["id", "title", "intro", "prediction", "steps", "check"], [])
+            experiment_id = self.text(m, "id", f"{where}.id", EXPERIMENT_ID_RE)
+            if any(e.id == experiment_id for e in out):
+                self.fail(self.line(m, "id"), f"{where}.id: the id {experiment_id!r} is used twice")
+            title = " ".join(self.text(m, "title", f"{where}.title").split())
+            intro = " ".join(self.text(m, "intro", f"{where}.intro").split())
+            prediction = self.prediction(
+                self.mapping(m, "prediction", f"{where}.prediction"), f"{where}.prediction"
+            )
+            steps = self.steps(m, f"{where}.steps", pattern)
+            total = sum(s.duration_s for s in steps)
+            if total > MAX_EXPERIMENT_S:
+                self.fail(
+                    self.line(m, "steps"),
+                    f"{where}.steps: they last {total:g} s in all, more than {MAX_EXPERIMENT_S} s",
+                )
+            check = self.check(
+                self.mapping(m, "check", f"{where}.check"),
+                f"{where}.check",
+                pattern,
+                prediction,
+                steps,
+            )
+            out.append(Experiment(experiment_id, title, intro, prediction, steps, check, m.line))
+        return tuple(out)
+
+    def prediction(self, m: _Map, where: str) -> Prediction:
+        if "kind" not in m:
+            self.fail(m.line, f"{where}: " + MISSING_KEY.format(key="kind"))
+        kind = self.choice(m, "kind", f"{where}.kind", PREDICTION_KINDS, "")
+        if kind == "choice":
+            self.keys(m, where, ["question", "kind", "options"], [])
+        else:
+            self.keys(m, where, ["question", "kind"], ["unit", "min", "max"])
+        question = " ".join(self.text(m, "question", f"{where}.question").split())
+        if kind == "number":
+            unit = self.text(m, "unit", f"{where}.unit").strip() if "unit" in m else ""
+            low = self.number(m, "min", f"{where}.min", -1e12, 1e12) if "min" in m else None
+            high = None
+            if "max" in m:
+                high = self.number(m, "max", f"{where}.max", -1e12 if low is None else low, 1e12)
+            return Prediction(question, kind, unit=unit, min=low, max=high)
+        seq = self.sequence(m, "options", f"{where}.options")
+        options: list[Option] = []
+        for index in range(len(seq)):
+            item_where = f"{where}.options[{index}]"
+            item = self.item(seq, index, item_where)
+            self.keys(item, item_where, ["id", "label"], [])
+            option_id = self.text(item, "id", f"{item_where}.id", EXPERIMENT_ID_RE)
+            if any(o.id == option_id for o in options):
+                self.fail(item.line, f"{item_where}.id: the id {option_id!r} is used twice")
+            label = " ".join(self.text(item, "label", f"{item_where}.label").split())
+            options.append(Option(option_id, label))
+        if len(options) < 2:
+            self.fail(seq.line, f"{where}.options: a choice needs two or more options")
+        return Prediction(question, kind, options=tuple(options))
+
+    def steps(self, m: _Map, where: str, pattern: Pattern) -> tuple[Step, ...]:
+        seq = self.sequence(m, "steps", where)
+        if not seq:
+            self.fail(seq.line, f"{where}: an experiment needs at least one step")
+        out: list[Step] = []
+        for index in range(len(seq)):
+            step_where = f"{where}[{index}]"
+            item = self.item(seq, index, step_where)
+            self.keys(item, step_where, ["id", "text", "duration_s"], ["action"])
+            step_id = self.text(item, "id", f"{step_where}.id", EXPERIMENT_ID_RE)
+            if any(s.id == step_id for s in out):
+                self.fail(item.line, f"{step_where}.id: the id {step_id!r} is used twice")
+            text = " ".join(self.text(item, "text", f"{step_where}.text").split())
+            duration = self.number(item, "duration_s", f"{step_where}.duration_s", 0, MAX_STEP_S)
+            actions = (
+                self.actions(item, f"{step_where}.action", pattern) if "action" in item else ()
+            )
+            out.append(Step(step_id, text, actions, duration))
+        return tuple(out)
+
+    def actions(self, m: _Map, where: str, pattern: Pattern) -> tuple[Action, ...]:
+        value = m["action"]
+        if isinstance(value, _Map):
+            return (self.action(value, where, pattern),)
+        if not isinstance(value, _Seq) or not value:
+            self.fail(
+                self.line(m, "action"),
+                f"{where}: must be an action ({{fault: …}} or {{control: …}}) or a list of them",
+            )
+        return tuple(
+            self.action(self.item(value, i, f"{where}[{i}]"), f"{where}[{i}]", pattern)
+            for i in range(len(value))
+        )
+
+    def action(self, m: _Map, where: str, pattern: Pattern) -> Action:
+        self.keys(m, where, [], ACTION_KINDS)
+        if len(m) != 1:
+            self.fail(m.line, f"{where}: must be exactly one of: {', '.join(ACTION_KINDS)}")
+        if "fault" in m:
+            fault_where = f"{where}.fault"
+            f = self.mapping(m, "fault", fault_where)
+            self.keys(f, fault_where, ["node", "kind"], ["duration_s", "params"])
+            node = self.text(f, "node", f"{fault_where}.node")
+            if not _is_node(pattern, node):
+                message = UNKNOWN_NODE.format(name=node, names=", ".join(pattern.node_names()))
+                self.fail(self.line(f, "node"), f"{fault_where}.node: {message}")
+            kind = self.text(f, "kind", f"{fault_where}.kind")
+            if kind not in pattern.faults:
+                self.fail(
+                    self.line(f, "kind"),
+                    f"{fault_where}.kind: {kind!r} is not one of the pattern's faults "
+                    f"({', '.join(pattern.faults) or 'none'})",
+                )
+            duration = 0
+            if kind == "restart" and "duration_s" in f:
+                self.fail(
+                    self.line(f, "duration_s"), f"{fault_where}.duration_s: a restart has none"
+                )
+            if kind != "restart":
+                if "duration_s" not in f:
+                    self.fail(f.line, f"{fault_where}: " + MISSING_KEY.format(key="duration_s"))
+                duration = self.integer(
+                    f, "duration_s", f"{fault_where}.duration_s", 1, MAX_FAULT_S
+                )
+            params: dict[str, float] = {}
+            if "params" in f:
+                given = self.mapping(f, "params", f"{fault_where}.params")
+                allowed = FAULT_PARAM_NAMES.get(kind, ())
+                for key in given:
+                    if key not in allowed:
+                        self.fail(
+                            given.key_lines[key],
+                            f"{fault_where}.params: the fault {kind!r} takes no parameter "
+                            f"{key!r} (it takes: {', '.join(allowed) or 'none'})",
+                        )
+                    params[key] = self.number(given, key, f"{fault_where}.params.{key}", 0, 1e6)
+            return Action(
+                "fault", node=node, fault=kind, duration_s=duration, params=MappingProxyType(params)
+            )
+        control_where = f"{where}.control"
+        c = self.mapping(m, "control", control_where)
+        self.keys(c, control_where, ["id"], ["value", "restore"])
+        if ("value" in c) == ("restore" in c):
+            self.fail(c.line, f"{control_where}: needs either a value or restore: true")
+        control_id = self.text(c, "id", f"{control_where}.id")
+        control = pattern.control(control_id)
+        if control is None:
+            self.fail(
+                self.line(c, "id"),
+                f"{control_where}.id: the pattern has no control {control_id!r} "
+                f"(it has: {', '.join(x.id for x in pattern.controls) or 'none'})",
+            )
+        if "restore" in c:
+            if c["restore"] is not True:
+                self.fail(self.line(c, "restore"), f"{control_where}.restore: must be true")
+            return Action("control", control=control_id, restore=True)
+        try:
+            value = control.validate(c["value"])
+        except ValueError as exc:
+            self.fail(self.line(c, "value"), f"{control_where}.value: {exc}")
+        return Action("control", control=control_id, value=value)
+
+    def check(
+        self,
+        m: _Map,
+        where: str,
+        pattern: Pattern,
+        prediction: Prediction,
+        steps: Sequence[Step],
+    ) -> Check:
+        self.keys(m, where, ["measure", "judge", "explanation"], ["params", "show"])
+        name = self.text(m, "measure", f"{where}.measure")
+        measure = MEASURES.get(name)
+        if measure is None:
+            self.fail(
+                self.line(m, "measure"),
+                f"{where}.measure: unknown measure {name!r} (expected one of: "
+                f"{', '.join(MEASURES)})",
+            )
+        params = self.measure_params(m, f"{where}.params", measure.params, pattern, steps)
+        outputs = measure.outputs(params)
+        judge = self.judge(
+            self.mapping(m, "judge", f"{where}.judge"), f"{where}.judge", prediction, outputs
+        )
+        show = tuple(outputs)
+        if "show" in m:
+            seq = self.sequence(m, "show", f"{where}.show")
+            for index, value in enumerate(seq):
+                if value not in outputs:
+                    self.fail(
+                        seq.item_lines[index],
+                        f"{where}.show[{index}]: {value!r} is not a value the measure gives "
+                        f"(it gives: {', '.join(outputs)})",
+                    )
+            show = tuple(seq)
+        explanation = self.explanation(m, f"{where}.explanation", prediction, outputs, pattern)
+        return Check(
+            name,
+            MappingProxyType(params),
+            judge,
+            MappingProxyType(explanation),
+            MappingProxyType(outputs),
+            show,
+        )
+
+    def measure_params(
+        self,
+        m: _Map,
+        where: str,
+        declared: Mapping[str, Any],
+        pattern: Pattern,
+        steps: Sequence[Step],
+    ) -> dict[str, Any]:
+        if "params" in m:
+            given = self.mapping(m, "params", where)
+        else:
+            given = _Map()
+            given.line, given.key_lines = m.line, {}
+        required = [k for k, p in declared.items() if p.required]
+        self.keys(given, where, required, [k for k, p in declared.items() if not p.required])
+        step_ids = [s.id for s in steps]
+        params: dict[str, Any] = {}
+        for key, spec in declared.items():
+            if key not in given:
+                if spec.default is not None:
+                    params[key] = spec.default
+                continue
+            key_where, line = f"{where}.{key}", self.line(given, key)
+            if spec.kind == "step":
+                params[key] = self.step_ref(given, key, key_where, step_ids)
+            elif spec.kind == "node":
+                node = self.text(given, key, key_where)
+                if not _is_node(pattern, node):
+                    names = ", ".join(pattern.node_names())
+                    self.fail(line, f"{key_where}: " + UNKNOWN_NODE.format(name=node, names=names))
+                params[key] = node
+            elif spec.kind == "role":
+                role = self.text(given, key, key_where)
+                if role not in pattern._by_instance_role:
+                    self.fail(
+                        line,
+                        f"{key_where}: {role!r} is not a replicated role (replicated: "
+                        f"{', '.join(pattern._by_instance_role) or 'none'})",
+                    )
+                params[key] = role
+            elif spec.kind == "number":
+                params[key] = self.number(given, key, key_where, spec.low, spec.high)
+            else:  # phases
+                phases = self.mapping(given, key, key_where)
+                if not phases:
+                    self.fail(line, f"{key_where}: needs at least one phase (name: step id)")
+                named: dict[str, str] = {}
+                for phase in phases:
+                    if not KEY_RE.match(phase):
+                        self.fail(
+                            phases.key_lines[phase],
+                            f"{key_where}: {phase!r} is not a valid phase name "
+                            "(lower-case letters, digits and _)",
+                        )
+                    named[phase] = self.step_ref(phases, phase, f"{key_where}.{phase}", step_ids)
+                params[key] = named
+        if (
+            "from_step" in params
+            and params.get("to_step")
+            and step_ids.index(params["to_step"]) < step_ids.index(params["from_step"])
+        ):
+            self.fail(self.line(given, "to_step"), f"{where}.to_step: comes before from_step")
+        if "role" in declared and "node" in params:
+            node_def = pattern.node_def(params["node"])
+            shared = params.get("role")
+            if node_def is None or not node_def.replicated:
+                if shared is None:
+                    self.fail(
+                        self.line(given, "node"),
+                        f"{where}.node: {params['node']!r} is a single node: name the role "
+                        "whose nodes share the requests (role: …)",
+                    )
+                self.fail(
+                    self.line(given, "node"),
+                    f"{where}.node: {params['node']!r} is not one of the {shared} nodes",
+                )
+            if shared is not None and node_def.role != shared:
+                self.fail(
+                    self.line(given, "node"),
+                    f"{where}.node: {params['node']!r} is not one of the {shared} nodes",
+                )
+        return params
+
+    def step_ref(self, m: _Map, key: str, where: str, step_ids: Sequence[str]) -> str:
+        value = m[key]
+        if value not in step_ids:
+            self.fail(
+                self.line(m, key),
+                f"{where}: {value!r} is not a step of this experiment "
+                f"(steps: {', '.join(step_ids)})",
+            )
+        return str(value)
+
+    def judge(
+        self, m: _Map, where: str, prediction: Prediction, outputs: Mapping[str, Output]
+    ) -> Judge:
+        if prediction.kind == "choice":
+            self.keys(m, where, ["rules"], [])
+            seq = self.sequence(m, "rules", f"{where}.rules")
+            rules: list[Rule] = []
+            for index in range(len(seq)):
+                rule_where = f"{where}.rules[{index}]"
+                item = self.item(seq, index, rule_where)
+                self.keys(item, rule_where, ["answer"], ["when"])
+                answer = self.text(item, "answer", f"{rule_where}.answer")
+                if prediction.option(answer) is None:
+                    self.fail(
+                        self.line(item, "answer"),
+                        f"{rule_where}.answer: {answer!r} is not one of the options "
+                        f"({', '.join(o.id for o in prediction.options)})",
+                    )
+                if rules and not rules[-1].conditions:
+                    self.fail(
+                        item.line,
+                        f"{rule_where}: comes after a rule without `when`, so it never applies",
+                    )
+                conditions = (
+                    self.conditions(item, f"{rule_where}.when", outputs) if "when" in item else ()
+                )
+                rules.append(Rule(answer, conditions))
+            if not rules or rules[-1].conditions:
+                self.fail(
+                    seq.item_lines[-1] if rules else seq.line,
+                    f"{where}.rules: the last rule must have no `when`, so that some answer "
+                    "is always right",
+                )
+            return Judge(rules=tuple(rules))
+        self.keys(m, where, ["value"], ["tolerance", "tolerance_pct", "buckets"])
+        value = m["value"]
+        if value not in outputs:
+            self.fail(
+                self.line(m, "value"),
+                f"{where}.value: {value!r} is not a value the measure gives "
+                f"(it gives: {', '.join(outputs)})",
+            )
+        if "buckets" in m:
+            if "tolerance" in m or "tolerance_pct" in m:
+                self.fail(m.line, f"{where}: give buckets or a tolerance, not both")
+            seq = self.sequence(m, "buckets", f"{where}.buckets")
+            edges: list[float] = []
+            for index, edge in enumerate(seq):
+                if isinstance(edge, bool) or not isinstance(edge, int | float):
+                    self.fail(seq.item_lines[index], f"{where}.buckets[{index}]: must be a number")
+                if edges and edge <= edges[-1]:
+                    self.fail(seq.item_lines[index], f"{where}.buckets: must go up, one by one")
+                edges.append(float(edge))
+            if not edges:
+                self.fail(seq.line, f"{where}.buckets: needs at least one edge")
+            return Judge(value=str(value), buckets=tuple(edges))
+        if "tolerance" not in m and "tolerance_pct" not in m:
+            self.fail(m.line, f"{where}: needs a tolerance, a tolerance_pct or buckets")
+        tolerance = (
+            self.number(m, "tolerance", f"{where}.tolerance", 0, 1e12) if "tolerance" in m else None
+        )
+        percent = None
+        if "tolerance_pct" in m:
+            percent = self.number(m, "tolerance_pct", f"{where}.tolerance_pct", 0, 1000)
+        return Judge(value=str(value), tolerance=tolerance, tolerance_pct=percent)
+
+    def conditions(
+        self, m: _Map, where: str, outputs: Mapping[str, Output]
+    ) -> tuple[Condition, ...]:
+        when = self.mapping(m, "when", where)
+        if not when:
+            self.fail(
+                self.line(m, "when"), f"{where}: needs a condition, as in {{error_s: {{lt: 1}}}}"
+            )
+        out: list[Condition] = []
+        for name in when:
+            line = when.key_lines[name]
+            if name not in outputs:
+                self.fail(
+                    line,
+                    f"{where}: {name!r} is not a value the measure gives "
+                    f"(it gives: {', '.join(outputs)})",
+                )
+            ops = self.mapping(when, name, f"{where}.{name}")
+            if not ops:
+                self.fail(line, f"{where}.{name}: needs a comparison, as in {{lt: 1}}")
+            for op, operand in ops.items():
+                op_line = ops.key_lines[op]
+                if op not in JUDGE_OPS:
+                    self.fail(
+                        op_line,
+                        f"{where}.{name}: unknown comparison {op!r} "
+                        f"(expected one of: {', '.join(JUDGE_OPS)})",
+                    )
+                if (
+                    isinstance(operand, int | float)
+                    and not isinstance(operand, bool)
+                    and math.isfinite(operand)
+                ):
+                    out.append(Condition(name, op, float(operand)))
+                    continue
+                match = OPERAND_RE.match(operand.strip()) if isinstance(operand, str) else None
+                if match is None or match["name"] not in outputs:
+                    self.fail(
+                        op_line,
+                        f"{where}.{name}.{op}: must be a number, a measured value or "
+                        f"N * a measured value (values: {', '.join(outputs)}), got {operand!r}",
+                    )
+                out.append(Condition(name, op, match["name"], float(match["factor"] or 1)))
+        return tuple(out)
+
+    def explanation(
+        self,
+        m: _Map,
+        where: str,
+        prediction: Prediction,
+        outputs: Mapping[str, Output],
+        pattern: Pattern,
+    ) -> dict[str, str]:
+        value, line = m["explanation"], self.line(m, "explanation")
+        templates: dict[str, tuple[str, int, str]] = {}  # answer → (text, line, where)
+        if isinstance(value, str) and value.strip():
+            templates["default"] = (value, line, where)
+        elif isinstance(value, _Map) and value:
+            if prediction.kind != "choice":
+                self.fail(line, f"{where}: a number prediction takes one template, not a mapping")
+            for key, text in value.items():
+                key_line = value.key_lines[key]
+                if key != "default" and prediction.option(key) is None:
+                    self.fail(
+                        key_line, f"{where}: {key!r} is neither one of the options nor default"
+                    )
+                if not isinstance(text, str) or not text.strip():
+                    self.fail(key_line, f"{where}.{key}: must be a non-empty string")
+                templates[key] = (text, key_line, f"{where}.{key}")
+            missing = [o.id for o in prediction.options if o.id not in templates]
+            if missing and "default" not in templates:
+                self.fail(
+                    line,
+                    f"{where}: no template for the answer {missing[0]!r} (add it, or a default)",
+                )
+        else:
+            self.fail(line, f"{where}: must be a template, or a mapping of answer → template")
+        samples: dict[str, Any] = {name: 1.5 for name in outputs}
+        samples |= pattern.spec_values()
+        samples |= {extra: "x" for extra in TEMPLATE_EXTRAS}
+        out: dict[str, str] = {}
+        for key, (text, text_line, text_where) in templates.items():
+            try:
+                for name, _ in template_fields(text):
+                    if name not in samples:
+                        raise TemplateError(
+                            f"unknown value {{{name}}} (values: {', '.join(samples)})"
+                        )
+                safe_format(text, samples)
+            except TemplateError as exc:
+                self.fail(text_line, f"{text_where}: {exc}")
+            out[key] = " ".join(text.split())
+        return out
+
+
+def _is_node(pattern: Pattern, name: str) -> bool:
+    """Whether ``name`` is a node the pattern may have (``replica-3``; not a role)."""
+    try:
+        pattern.node(name)
+    except PatternError:
+        return False
+    return True

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import Http404
 
 from apps.accounts.models import User
-from apps.labs.models import ACTIVE_STATES, Sandbox
+from apps.labs.models import ACTIVE_STATES, ExperimentRun, Sandbox
 
 SANDBOX_NOT_FOUND = "No such sandbox."
 
@@ -60,3 +61,49 @@ def sandbox_active_for_user(*, user: User, pattern: str | None = None) -> Sandbo
     if pattern is not None:
         qs = qs.filter(pattern=pattern)
     return qs.order_by("-created_at").first()
+
+
+# --- experiments --------------------------------------------------------------------------
+
+
+def experiment_run_running(*, sandbox: Sandbox) -> ExperimentRun | None:
+    """The experiment running on a sandbox, if any (at most one)."""
+    return ExperimentRun.objects.filter(sandbox=sandbox, state=ExperimentRun.State.RUNNING).first()
+
+
+def experiment_last_runs(*, user: User, pattern: str) -> dict[str, ExperimentRun]:
+    """The user's latest run of each of a pattern's experiments (on any of their sandboxes),
+    by experiment id."""
+    latest: dict[str, ExperimentRun] = {}
+    for run in ExperimentRun.objects.filter(user=user, pattern=pattern).order_by(
+        "-started_at", "-pk"
+    ):
+        latest.setdefault(run.experiment, run)
+    return latest
+
+
+def experiment_progress_for_user(
+    *, user: User, patterns: Iterable[str]
+) -> dict[str, tuple[int, int]]:
+    """Per pattern: how many of its experiments the user has a checked result for, out
+    of how many it has (patterns that do not load have none)."""
+    from apps.labs.patterns import PatternError, load_pattern
+
+    wanted = set(patterns)
+    checked: dict[str, set[str]] = {}
+    for pattern, experiment in (
+        ExperimentRun.objects.filter(
+            user=user, pattern__in=wanted, state=ExperimentRun.State.CHECKED
+        )
+        .values_list("pattern", "experiment")
+        .distinct()
+    ):
+        checked.setdefault(pattern, set()).add(experiment)
+    progress: dict[str, tuple[int, int]] = {}
+    for pattern in wanted:
+        try:
+            ids = {e.id for e in load_pattern(pattern).experiments}
+        except PatternError:
+            ids = set()
+        progress[pattern] = (len(ids & checked.get(pattern, set())), len(ids))
+    return progress

@@ -187,8 +187,9 @@ def sandbox_start(*, sandbox_id: str) -> Sandbox:
     engine = get_engine()
     try:
         spec = sandbox_spec(sandbox=sandbox)
+        _stage(sandbox, f"Creating the network and starting {len(spec.nodes)} nodes")
         engine.create(spec)
-        _wait_ready(sandbox, spec)
+        _wait_ready(sandbox, spec, report=True)
     except (EngineError, PatternError, TimeoutError) as exc:
         log.warning("sandbox %s failed to launch: %s", sandbox.hex, exc)
         _fail(sandbox.hex, f"The sandbox could not start: {exc}")
@@ -215,16 +216,28 @@ def sandbox_start(*, sandbox_id: str) -> Sandbox:
             engine=engine.name,
             started_at=timezone.now(),
             launch_seconds=round(time.monotonic() - started, 3),
+            stage="",
         )
     return sandbox
 
 
-def _wait_ready(sandbox: Sandbox, spec: SandboxSpec) -> None:
-    """Every node's runtime answers its control channel (it serves HTTP by then)."""
+def _stage(sandbox: Sandbox, text: str) -> None:
+    """Say what the launch is doing now (the panel shows it while the sandbox starts)."""
+    Sandbox.objects.filter(pk=sandbox.pk).update(stage=text[:80])
+
+
+def _wait_ready(sandbox: Sandbox, spec: SandboxSpec, *, report: bool = False) -> None:
+    """Every node's runtime answers its control channel (it serves HTTP by then); with
+    ``report``, the launch stage counts the nodes that answer."""
     engine = get_engine()
     deadline = time.monotonic() + settings.SANDBOX_LAUNCH_TIMEOUT
     waiting = {n.name for n in spec.nodes}
+    reported = -1
     while waiting:
+        if report and len(waiting) != reported:
+            reported = len(waiting)
+            ready = len(spec.nodes) - reported
+            _stage(sandbox, f"Waiting for the nodes to answer: {ready} of {len(spec.nodes)} ready")
         for name in sorted(waiting):
             try:
                 if engine.control(sandbox.hex, name, {"op": "state"}).get("ok"):
@@ -259,6 +272,9 @@ def sandbox_stop(*, sandbox: Sandbox, reason: str = "", enqueue: bool = True) ->
         if sandbox.state in {Sandbox.State.STOPPING} or not sandbox.is_active:
             return sandbox
         sandbox_transition(sandbox=sandbox, to=Sandbox.State.STOPPING, stop_reason=reason)
+        from apps.labs.experiments import experiment_cancel_for_sandbox
+
+        experiment_cancel_for_sandbox(sandbox=sandbox, reason=reason)
         if enqueue:
             from apps.labs.tasks import sandbox_stop_task
 
@@ -558,7 +574,25 @@ def sandbox_control(*, sandbox: Sandbox, control_id: str, value: Any) -> dict[st
     )
     if not reply.get("ok"):
         raise SandboxError(f"Node {control.node} refused: {reply.get('error')}")
+    with transaction.atomic():
+        locked = _locked(sandbox.pk)
+        locked.controls = {**locked.controls, control_id: checked}
+        locked.save(update_fields=["controls"])
+    sandbox.controls = locked.controls
     return {"control": control_id, "value": checked}
+
+
+def control_values(*, sandbox: Sandbox, pattern: Pattern | None = None) -> dict[str, Any]:
+    """Each live control's current value: what the learner set, else the default (a
+    scale control's value is the number of nodes of its role)."""
+    pattern = pattern or load_pattern(sandbox.pattern)
+    values: dict[str, Any] = {}
+    for control in pattern.controls:
+        if control.kind == "scale":
+            values[control.id] = sandbox.nodes.filter(role=control.role).count()
+        else:
+            values[control.id] = sandbox.controls.get(control.id, control.default)
+    return values
 
 
 def sandbox_scale(*, sandbox: Sandbox, role: str, count: int) -> dict[str, Any]:
@@ -632,6 +666,24 @@ def _after_restart(sandbox: Sandbox, name: str) -> None:
         except EngineError:
             time.sleep(READY_POLL_SECONDS)
     _push_peers(sandbox, only=name)
+    _reapply_controls(sandbox, name)
+
+
+def _reapply_controls(sandbox: Sandbox, name: str) -> None:
+    """A restarted node starts from its defaults: give it back the learner's settings."""
+    sandbox.refresh_from_db(fields=["controls"])
+    pattern = load_pattern(sandbox.pattern)
+    changes = {
+        c.key: sandbox.controls[c.id]
+        for c in pattern.controls
+        if c.node == name and c.key is not None and c.id in sandbox.controls
+    }
+    if not changes:
+        return
+    try:
+        get_engine().control(sandbox.hex, name, {"op": "config", "set": changes})
+    except EngineError as exc:
+        log.info("controls not re-applied to %s: %s", name, exc)
 
 
 def _natural(name: str) -> tuple[str, int]:

@@ -8,6 +8,8 @@ sandboxes, stopped ones, added or removed nodes, faults), publishes a frame per 
 every ``interval`` seconds, and stores each sandbox's snapshot in the cache about once a
 second for viewers that connect (``snapshot_cache_key``).
 
+Each frame and event is one channel-layer message (``layer_message``) carrying it both as
+``data`` and as its JSON ``text``, encoded once here rather than once per viewer.
 Publishing never blocks a follower or the main loop: messages are handed to an asyncio
 loop (the supervisor's own thread, or the ASGI server's loop when it runs in-process,
 which the in-memory channel layer needs) and a backlog of unsent frames is dropped,
@@ -17,6 +19,7 @@ latest wins; events are never dropped by the supervisor.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -49,6 +52,12 @@ def group_name(sandbox_id: str) -> str:
 
 def snapshot_cache_key(sandbox_id: str) -> str:
     return f"labs:snapshot:{sandbox_id}"
+
+
+def layer_message(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The channel-layer message for a frame or an event: ``data``, and ``text``, its JSON
+    encoded once here for every viewer (each consumer forwards it as it is)."""
+    return {"type": f"sandbox.{kind}", "data": data, "text": json.dumps(data)}
 
 
 @dataclass
@@ -274,9 +283,7 @@ class Supervisor:
                     continue  # the layer is behind: this frame is superseded by the next
                 self._pending_frames += 1
             self._submit(
-                self.layer.group_send(
-                    group_name(item.sandbox_id), {"type": "sandbox.frame", "data": frame}
-                ),
+                self.layer.group_send(group_name(item.sandbox_id), layer_message("frame", frame)),
                 on_done=self._frame_sent,
             )
 
@@ -285,11 +292,18 @@ class Supervisor:
             self._pending_frames -= 1
 
     def _send_events(self, sandbox_id: str, events: list[dict[str, Any]]) -> None:
+        if not events:
+            return
+        # Stored before they are sent: a viewer that joins the group after the send still
+        # finds them in the snapshot it reads at connect (one that joins just before gets
+        # them twice; the page drops repeats).
+        with self._lock:
+            watched = self._watched.get(sandbox_id)
+        if watched is not None:
+            self._store_snapshot(watched, time.time())
         for event in events:
             self._submit(
-                self.layer.group_send(
-                    group_name(sandbox_id), {"type": "sandbox.event", "data": event}
-                )
+                self.layer.group_send(group_name(sandbox_id), layer_message("event", event))
             )
 
     def _submit(
@@ -323,11 +337,14 @@ class Supervisor:
         with self._lock:
             watched = list(self._watched.values())
         for item in watched:
-            try:
-                cache.set(
-                    snapshot_cache_key(item.sandbox_id),
-                    item.aggregator.snapshot(now),
-                    timeout=SNAPSHOT_TTL,
-                )
-            except Exception:
-                log.exception("storing the snapshot of %s failed", item.sandbox_id)
+            self._store_snapshot(item, now)
+
+    def _store_snapshot(self, item: _Watched, now: float) -> None:
+        try:
+            cache.set(
+                snapshot_cache_key(item.sandbox_id),
+                item.aggregator.snapshot(now),
+                timeout=SNAPSHOT_TTL,
+            )
+        except Exception:
+            log.exception("storing the snapshot of %s failed", item.sandbox_id)

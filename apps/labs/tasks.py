@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from apps.labs import services
+from apps.labs import experiments, services
 from apps.labs.engine import EngineError, EngineUnavailable
 
 
@@ -48,3 +48,24 @@ def sandbox_reap_task() -> dict[str, int]:
     services.fault_revert_due()
     report = services.sandbox_reap()
     return {name: len(value) for name, value in report.__dict__.items()}
+
+
+@shared_task(
+    name="apps.labs.tasks.experiment_step_task",
+    autoretry_for=(EngineUnavailable,),
+    retry_backoff=1,
+    max_retries=3,
+)
+def experiment_step_task(run_id: int, index: int) -> None:
+    experiments.experiment_step(run_id=run_id, index=index)
+
+
+@shared_task(
+    name="apps.labs.tasks.experiment_check_task",
+    autoretry_for=(experiments.CheckNotReady,),
+    retry_kwargs={"countdown": experiments.CHECK_RETRY_S},
+    max_retries=60,
+)
+def experiment_check_task(run_id: int) -> str | None:
+    run = experiments.experiment_check(run_id=run_id)
+    return run.state if run is not None else None

@@ -3,25 +3,29 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
-from django.views.decorators.http import require_POST, require_safe
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from apps.accounts.http import AuthedHttpRequest
 from apps.labs import selectors, services
 from apps.labs.engine import EngineError, get_engine
-from apps.labs.models import Sandbox
-from apps.labs.patterns import pattern_ids
+from apps.labs.models import Fault, Sandbox
+from apps.labs.patterns import Pattern, load_pattern, pattern_ids
 
 PANEL = "labs/sandbox.html#panel"
+STATUS = "labs/sandbox.html#status"
+FAULTS = "labs/sandbox.html#faults"
+CONTROLS = "labs/sandbox.html#controls"
 
 
 def panel_context(
     *, user: Any, pattern: str, sandbox: Sandbox | None = None, **extra: Any
 ) -> dict[str, Any]:
     """What the sandbox panel shows: the user's sandbox of this pattern (if any), its
-    nodes as the engine sees them, time left, and whether nodes are isolated."""
+    nodes as the engine sees them, time left, whether nodes are isolated, and for a
+    running sandbox the live lab (topology, fault and control forms)."""
     if sandbox is None and user.is_authenticated:
         sandbox = selectors.sandbox_active_for_user(user=user, pattern=pattern)
     if sandbox is not None and sandbox.is_active and sandbox.owner_id == user.pk:
@@ -39,7 +43,7 @@ def panel_context(
     minutes_left = None
     if sandbox is not None and sandbox.is_active:
         minutes_left = max(0, int((sandbox.expires_at - timezone.now()).total_seconds() // 60))
-    return {
+    context: dict[str, Any] = {
         "pattern": pattern,
         "sandbox": sandbox,
         "nodes": nodes,
@@ -47,8 +51,78 @@ def panel_context(
         "engine_error": engine_error,
         "minutes_left": minutes_left,
         "available": pattern in pattern_ids(),
-        **extra,
     }
+    if sandbox is not None and sandbox.state == Sandbox.State.RUNNING:
+        spec = load_pattern(sandbox.pattern)
+        context["topology"] = topology(spec, sandbox)
+        context.update(faults_context(sandbox, spec))
+        context.update(controls_context(sandbox, spec))
+    return {**context, **extra}
+
+
+def topology(spec: Pattern, sandbox: Sandbox) -> dict[str, Any]:
+    """What the graph draws before the first frame: nodes, layout and links (by node name
+    or replicated role, as in the pattern: the browser expands roles to instances)."""
+    return {
+        "direction": spec.layout.direction,
+        "columns": [list(column) for column in spec.layout.columns],
+        "links": [
+            {"from": link.source, "to": link.target, "label": link.label, "kind": link.kind}
+            for link in spec.links
+        ],
+        "nodes": {n.name: {"role": n.role, "state": "up"} for n in sandbox.nodes.all()},
+    }
+
+
+# Per fault kind, the form fields the panel shows: (field, label, minimum, maximum, default).
+FAULT_FIELDS: dict[str, list[tuple[str, str, float, float, float]]] = {
+    "latency": [("ms", "Added latency (ms)", 1, 10_000, 300)],
+    "errors": [("rate_pct", "Share of requests failed (%)", 1, 100, 50)],
+    "drop": [("rate_pct", "Share of requests dropped (%)", 1, 100, 100)],
+}
+FAULT_HELP = {
+    "kill": "Stop the node's process: it comes back when the fault reverts.",
+    "pause": "Freeze the node: connections stay open but nothing answers.",
+    "restart": "Stop and start the node at once (no duration).",
+    "partition": "Cut the node off from the others; it keeps running.",
+    "latency": "Delay every request the node serves.",
+    "errors": "Answer a share of requests with HTTP 503.",
+    "drop": "Accept a share of requests and never answer them.",
+}
+FAULT_DURATIONS = (10, 20, 30, 60, 120, 300)
+
+
+def faults_context(
+    sandbox: Sandbox, spec: Pattern | None = None, form: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The fault form (with ``form``: the learner's last choices) and the active faults."""
+    spec = spec or load_pattern(sandbox.pattern)
+    active = list(
+        Fault.objects.filter(sandbox=sandbox, reverted_at__isnull=True)
+        .select_related("node")
+        .order_by("expires_at")
+    )
+    return {
+        "faults_active": active,
+        "fault_kinds": [
+            {
+                "id": kind,
+                "label": Fault.Kind(kind).label,
+                "help": FAULT_HELP.get(kind, ""),
+                "fields": FAULT_FIELDS.get(kind, []),
+            }
+            for kind in spec.faults
+        ],
+        "fault_durations": FAULT_DURATIONS,
+        "fault_nodes": [n.name for n in sandbox.nodes.all()],
+        "fault_form": {"node": "", "kind": "", "duration": "30", **(form or {})},
+    }
+
+
+def controls_context(sandbox: Sandbox, spec: Pattern | None = None) -> dict[str, Any]:
+    spec = spec or load_pattern(sandbox.pattern)
+    values = services.control_values(sandbox=sandbox, pattern=spec)
+    return {"controls": [{"spec": c, "value": values.get(c.id)} for c in spec.controls]}
 
 
 @require_POST
@@ -102,4 +176,117 @@ def sandbox_extend(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
     context = panel_context(
         user=request.user, pattern=sandbox.pattern, sandbox=sandbox, message=message
     )
-    return render(request, PANEL, context)
+    # From the live lab only the status bar is replaced: the graph and charts stay.
+    return render(request, STATUS if request.POST.get("part") == "status" else PANEL, context)
+
+
+def _running_sandbox(request: AuthedHttpRequest, sandbox_id: str) -> Sandbox:
+    return selectors.sandbox_get_for_user(user=request.user, sandbox_id=sandbox_id)
+
+
+def _number(raw: str | None, name: str) -> float:
+    try:
+        value = float(raw or "")
+    except ValueError:
+        raise services.SandboxError(f"{name} must be a number.") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise services.SandboxError(f"{name} must be a number.")
+    return value
+
+
+def _fault_request(post: Any) -> dict[str, Any]:
+    """The fault form's fields, as ``services.fault_inject`` takes them."""
+    kind = post.get("kind", "")
+    params: dict[str, Any] = {}
+    for field, label, _low, _high, _default in FAULT_FIELDS.get(kind, []):
+        value = _number(post.get(field), label)
+        if field == "rate_pct":
+            params["rate"] = value / 100
+        else:
+            params[field] = int(value)
+    duration: int | None = None
+    if kind != "restart":
+        seconds = _number(post.get("duration"), "The duration")
+        if seconds != int(seconds):
+            raise services.SandboxError("The duration must be a whole number of seconds.")
+        duration = int(seconds)
+    return {"node_name": post.get("node", ""), "kind": kind, "duration": duration, "params": params}
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def sandbox_faults(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
+    """The fault form and the active faults (GET); inject a fault (POST)."""
+    sandbox = _running_sandbox(request, sandbox_id)
+    message = notice = ""
+    # The form keeps the learner's choices, also when the page refreshes it after an event.
+    source = request.POST if request.method == "POST" else request.GET
+    form = {k: source[k] for k in ("node", "kind", "duration") if k in source}
+    if request.method == "POST":
+        try:
+            fault = services.fault_inject(
+                sandbox=sandbox, user=request.user, **_fault_request(request.POST)
+            )
+            notice = f"{fault.get_kind_display()} on {fault.node.name}."
+        except (services.SandboxError, EngineError) as exc:
+            message = str(exc)
+    if sandbox.state != Sandbox.State.RUNNING:
+        return render(
+            request,
+            PANEL,
+            panel_context(user=request.user, pattern=sandbox.pattern, sandbox=sandbox),
+        )
+    context = {"sandbox": sandbox, "fault_message": message, "fault_notice": notice}
+    context.update(faults_context(sandbox, form=form))
+    return render(request, FAULTS, context, status=400 if message else 200)
+
+
+@require_POST
+@login_required
+def sandbox_fault_revert(
+    request: AuthedHttpRequest, sandbox_id: str, fault_id: int
+) -> HttpResponse:
+    """End a fault before its time (the same revert the countdown would do)."""
+    sandbox = _running_sandbox(request, sandbox_id)
+    fault = Fault.objects.filter(sandbox=sandbox, pk=fault_id).first()
+    if fault is None:
+        raise Http404("No such fault in this sandbox.")
+    services.fault_revert(fault_id=fault.pk)
+    context = {"sandbox": sandbox, "fault_notice": f"{fault.get_kind_display()} reverted."}
+    context.update(faults_context(sandbox))
+    return render(request, FAULTS, context)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def sandbox_controls(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
+    """The pattern's live controls (GET); set one (POST ``control`` and ``value``)."""
+    sandbox = _running_sandbox(request, sandbox_id)
+    message = ""
+    if request.method == "POST":
+        control_id = request.POST.get("control", "")
+        raw = request.POST.get("value", "")
+        control = load_pattern(sandbox.pattern).control(control_id)
+        value: Any = raw
+        if control is not None and control.kind == "toggle":
+            value = raw in ("on", "true", "1")
+        elif control is not None and control.kind in ("number", "scale"):
+            try:
+                value = _number(raw, control.label)
+                value = int(value) if value == int(value) else value
+            except services.SandboxError as exc:
+                message = str(exc)
+        if not message:
+            try:
+                services.sandbox_control(sandbox=sandbox, control_id=control_id, value=value)
+            except (services.SandboxError, EngineError, TimeoutError) as exc:
+                message = str(exc)
+    if sandbox.state != Sandbox.State.RUNNING:
+        return render(
+            request,
+            PANEL,
+            panel_context(user=request.user, pattern=sandbox.pattern, sandbox=sandbox),
+        )
+    context = {"sandbox": sandbox, "control_message": message}
+    context.update(controls_context(sandbox))
+    return render(request, CONTROLS, context, status=400 if message else 200)

@@ -14,13 +14,13 @@ def load() -> dict:  # type: ignore[type-arg]
 
 def test_it_has_the_classroom_services() -> None:
     services = load()["services"]
-    assert set(services) == {"db", "redis", "web", "worker", "beat"}
+    assert set(services) == {"db", "redis", "web", "worker", "beat", "supervisor"}
     assert "healthcheck" in services["db"] and "healthcheck" in services["redis"]
 
 
 def test_app_services_build_our_image_and_reach_db_and_redis() -> None:
     compose = load()
-    for name in ("web", "worker", "beat"):
+    for name in ("web", "worker", "beat", "supervisor"):
         service = compose["services"][name]
         assert (REPO / service["build"]["dockerfile"]).is_file()
         env = service["environment"]
@@ -38,3 +38,19 @@ def test_commands_exist() -> None:
         assert f"manage.py {command}" in web and command in get_commands()
     assert services["worker"]["command"][:4] == ["celery", "-A", "config", "worker"]
     assert services["beat"]["command"][:4] == ["celery", "-A", "config", "beat"]
+    assert services["supervisor"]["command"] == ["python", "manage.py", "supervise"]
+    assert "supervise" in get_commands()
+
+
+def test_the_supervisor_runs_like_the_worker_and_reaches_docker() -> None:
+    """Same image and settings as the worker (plus the Docker engine, never a fallback to
+    local processes), and the host's Docker socket with its group."""
+    services = load()["services"]
+    supervisor, worker = services["supervisor"], services["worker"]
+    assert (supervisor["build"], supervisor["image"]) == (worker["build"], worker["image"])
+    assert supervisor["depends_on"] == worker["depends_on"]
+    assert supervisor["environment"] == worker["environment"] | {"SANDBOX_ENGINE": "docker"}
+    assert "/var/run/docker.sock:/var/run/docker.sock" in supervisor["volumes"]
+    [group] = supervisor["group_add"]
+    assert group.startswith("${DOCKER_GID:?")  # required: the socket's group id
+    assert "ports" not in supervisor  # nothing reaches it: it only sends

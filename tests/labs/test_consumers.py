@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -19,7 +21,7 @@ from django.utils import timezone
 from apps.accounts.models import User
 from apps.labs.consumers import MAX_MESSAGE_BYTES, MAX_MESSAGES, UNKNOWN_MESSAGE
 from apps.labs.models import Sandbox
-from apps.labs.supervisor import group_name, snapshot_cache_key
+from apps.labs.supervisor import group_name, layer_message, snapshot_cache_key
 from config.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -71,6 +73,15 @@ def socket() -> Any:
     return open_
 
 
+async def receive_start(ws: WebsocketCommunicator) -> dict[str, Any]:
+    """What a viewer gets at connect: the snapshot, then the event log as HTML."""
+    snapshot = await ws.receive_json_from(timeout=2)
+    log = await ws.receive_from(timeout=2)
+    assert log.startswith('<ol class="event-log" id="event-log"')
+    assert 'hx-swap-oob="true"' in log
+    return dict(snapshot)
+
+
 async def refused_with(communicator: WebsocketCommunicator) -> int:
     connected, _ = await communicator.connect()
     assert connected  # accepted, so that the browser sees the close code
@@ -90,15 +101,22 @@ async def test_it_streams_a_snapshot_then_frames_and_events_to_the_owner(
     ws = socket(sandbox, await cookie_for(learner), ORIGIN)
     connected, _ = await ws.connect()
     assert connected
-    assert await ws.receive_json_from(timeout=2) == stored
+    assert await receive_start(ws) == stored
 
     layer = get_channel_layer()
     frame = {"type": "frame", "v": 1, "seq": 7}
     await layer.group_send(group_name(sandbox.hex), {"type": "sandbox.frame", "data": frame})
     assert await ws.receive_json_from(timeout=2) == frame
-    event = {"type": "event", "v": 1, "kind": "ejected", "text": "lb ejected replica-2"}
+    event = {"type": "event", "v": 1, "ts": 1764170000.5, "node": "lb", "kind": "ejected",
+             "text": "lb ejected <replica-2>"}  # fmt: skip
     await layer.group_send(group_name(sandbox.hex), {"type": "sandbox.event", "data": event})
     assert await ws.receive_json_from(timeout=2) == event
+    # …and the same event as a fragment that goes on top of the page's event log, escaped.
+    fragment = await ws.receive_from(timeout=2)
+    assert fragment.startswith('<div hx-swap-oob="afterbegin:#event-log"><li class="event')
+    assert 'data-node="lb"' in fragment
+    assert "lb ejected &lt;replica-2&gt;" in fragment
+    assert 'datetime="2025-11-26T15:13:20.500000+00:00"' in fragment
     assert await ws.receive_nothing()
     await ws.disconnect()
 
@@ -111,7 +129,7 @@ async def test_without_a_stored_snapshot_it_sends_an_empty_one(learner: User, so
     sandbox = await make_sandbox(learner)
     ws = socket(sandbox, await cookie_for(learner), ORIGIN)
     assert (await ws.connect())[0]
-    snapshot = await ws.receive_json_from(timeout=2)
+    snapshot = await receive_start(ws)
     assert snapshot["type"] == "snapshot"
     assert (snapshot["history"], snapshot["events"], snapshot["frame"]) == ([], [], None)
     assert await ws.receive_nothing()
@@ -125,7 +143,7 @@ async def test_staff_may_watch_but_do_not_keep_it_alive(
     await User.objects.filter(pk=instructor.pk).aupdate(is_staff=True)
     ws = socket(sandbox, await cookie_for(instructor), ORIGIN)
     assert (await ws.connect())[0]
-    assert (await ws.receive_json_from(timeout=2))["type"] == "snapshot"
+    assert (await receive_start(ws))["type"] == "snapshot"
     assert await ws.receive_nothing()
     await ws.disconnect()
     before = sandbox.last_seen_at
@@ -165,7 +183,7 @@ async def test_ping_pong_and_unknown_messages(learner: User, socket: Any) -> Non
     sandbox = await make_sandbox(learner)
     ws = socket(sandbox, await cookie_for(learner), ORIGIN)
     assert (await ws.connect())[0]
-    await ws.receive_json_from(timeout=2)
+    await receive_start(ws)
     await ws.send_json_to({"type": "ping"})
     assert await ws.receive_json_from(timeout=2) == {"type": "pong"}
     await ws.send_json_to({"type": "kill", "node": "lb"})
@@ -180,7 +198,7 @@ async def test_an_oversized_message_closes_with_4413(learner: User, socket: Any)
     sandbox = await make_sandbox(learner)
     ws = socket(sandbox, await cookie_for(learner), ORIGIN)
     assert (await ws.connect())[0]
-    await ws.receive_json_from(timeout=2)
+    await receive_start(ws)
     await ws.send_to(text_data=json.dumps({"type": "ping", "pad": "x" * MAX_MESSAGE_BYTES}))
     closing = await ws.receive_output(timeout=2)
     assert closing == {"type": "websocket.close", "code": 4413}
@@ -191,7 +209,7 @@ async def test_flooding_closes_with_4429(learner: User, socket: Any) -> None:
     sandbox = await make_sandbox(learner)
     ws = socket(sandbox, await cookie_for(learner), ORIGIN)
     assert (await ws.connect())[0]
-    await ws.receive_json_from(timeout=2)
+    await receive_start(ws)
     for _ in range(MAX_MESSAGES):
         await ws.send_json_to({"type": "ping"})
         assert await ws.receive_json_from(timeout=2) == {"type": "pong"}
@@ -208,7 +226,7 @@ async def test_nothing_leaks_between_sandboxes(
     b = socket(theirs, await cookie_for(other_learner), ORIGIN)
     for ws in (a, b):
         assert (await ws.connect())[0]
-        await ws.receive_json_from(timeout=2)
+        await receive_start(ws)
     layer = get_channel_layer()
     await layer.group_send(group_name(mine.hex), {"type": "sandbox.frame", "data": {"seq": 1}})
     await layer.group_send(group_name(theirs.hex), {"type": "sandbox.frame", "data": {"seq": 2}})
@@ -224,11 +242,56 @@ async def test_the_end_of_the_sandbox_closes_with_4410(learner: User, socket: An
     sandbox = await make_sandbox(learner)
     ws = socket(sandbox, await cookie_for(learner), ORIGIN)
     assert (await ws.connect())[0]
-    await ws.receive_json_from(timeout=2)
-    ended = {"type": "event", "kind": "sandbox_ended", "data": {"state": "stopped"}}
+    await receive_start(ws)
+    ended = {"type": "event", "kind": "sandbox_ended", "text": "The sandbox is stopped.",
+             "data": {"state": "stopped"}}  # fmt: skip
     await get_channel_layer().group_send(
         group_name(sandbox.hex), {"type": "sandbox.event", "data": ended}
     )
     assert await ws.receive_json_from(timeout=2) == ended
+    assert "The sandbox is stopped." in await ws.receive_from(timeout=2)
     assert await ws.receive_output(timeout=2) == {"type": "websocket.close", "code": 4410}
+    await ws.disconnect()
+
+
+async def test_it_forwards_the_json_the_supervisor_encoded(learner: User, socket: Any) -> None:
+    """The supervisor encodes each frame and event once for all its viewers (``text``):
+    the consumer sends that text as it is instead of encoding ``data`` again."""
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), ORIGIN)
+    assert (await ws.connect())[0]
+    await receive_start(ws)
+    layer, group = get_channel_layer(), group_name(sandbox.hex)
+    frame = {"type": "frame", "v": 1, "ts": 1.5, "seq": 9}
+    await layer.group_send(group, layer_message("frame", frame))
+    assert await ws.receive_from(timeout=2) == json.dumps(frame)
+    await layer.group_send(group, {"type": "sandbox.frame", "data": frame, "text": '{"seq":9}'})
+    assert await ws.receive_from(timeout=2) == '{"seq":9}'  # as given, not re-encoded
+    event = {"type": "event", "v": 1, "ts": 2.0, "node": "lb", "kind": "policy",
+             "text": "lb policy random", "data": {}}  # fmt: skip
+    await layer.group_send(group, layer_message("event", event))
+    assert await ws.receive_from(timeout=2) == json.dumps(event)
+    assert "lb policy random" in await ws.receive_from(timeout=2)  # the log's fragment
+    assert await ws.receive_nothing()
+    await ws.disconnect()
+
+
+async def test_frames_do_not_queue_for_the_database_thread(learner: User, socket: Any) -> None:
+    """Channels closes stale database connections before each message, on the one thread
+    that runs database code: with hundreds of viewers that queue made frames seconds
+    late. Frames and events skip it, so they arrive while that thread is busy."""
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), ORIGIN)
+    assert (await ws.connect())[0]
+    await receive_start(ws)
+    release = threading.Event()
+    busy = asyncio.ensure_future(sync_to_async(release.wait)())  # holds the database thread
+    try:
+        frame = {"type": "frame", "v": 1, "ts": 3.0, "seq": 10}
+        await get_channel_layer().group_send(group_name(sandbox.hex), layer_message("frame", frame))
+        assert await ws.receive_json_from(timeout=1) == frame
+    finally:
+        release.set()
+        await busy
+    assert await ws.receive_nothing()
     await ws.disconnect()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apps.labs.telemetry import Aggregator, NodeView, parse_line
+from apps.labs.telemetry import Aggregator, NodeView, latency_bucket, parse_line
 
 T0 = 1_800_000_000.0
 NODES = [
@@ -203,3 +203,93 @@ def test_junk_lines_are_skipped() -> None:
     assert parse_line(b"[1, 2]") is None
     assert parse_line(b'{"v": 1, "ts": 1.5, "node": "a", "type": "call"}') == {
         "v": 1, "ts": 1.5, "node": "a", "type": "call"}  # fmt: skip
+
+
+# ---- what history points count, for the experiments' checks ------------------------------
+
+
+def test_history_points_count_calls_errors_and_when_errors_happened() -> None:
+    agg = aggregator()
+    agg.frame(T0)  # the history starts here
+    # Second T0+1 (lines in (T0, T0+1]): 10 user calls, 3 failed at known instants.
+    failed_at = {2: T0 + 0.2345, 5: T0 + 0.55, 8: T0 + 0.8123}
+    for i in range(10):
+        ts = failed_at.get(i, T0 + 0.05 + i / 10)
+        agg.ingest(call("traffic", "lb", ts, status=502 if i in failed_at else 200, ms=4.0))
+        if i not in failed_at:
+            agg.ingest(request("lb", "replica-1" if i % 2 else "replica-2", ts, ms=3.0))
+    agg.ingest(call("lb", "replica-1", T0 + 0.5, route="/health", status=0))  # not a user call
+    agg.ingest(request("lb", "replica-1", T0 + 0.6, status=500))
+    # Second T0+2: nothing failed.
+    agg.ingest(call("traffic", "lb", T0 + 1.5, ms=2.0))
+    agg.frame(T0 + 2.0)
+    first, second = [p for p in agg.snapshot(T0 + 2)["history"] if p["ts"] in (T0 + 1, T0 + 2)]
+
+    totals = first["totals"]
+    assert (totals["n"], totals["errors"]) == (10, 3)
+    assert totals["first_error_ts"] == round(T0 + 0.2345, 4)
+    assert totals["last_error_ts"] == round(T0 + 0.8123, 4)
+    assert totals["ms_hist"] == [[latency_bucket(4.0), 10]]
+    assert totals["rps"] == 10.0 and totals["error_pct"] == 30.0  # the existing fields stay
+    replica = first["nodes"]["replica-1"]
+    assert (replica["n"], replica["errors"]) == (5, 1)  # 4 served, 1 failed; no health checks
+    assert (first["nodes"]["replica-2"]["n"], first["nodes"]["replica-2"]["errors"]) == (3, 0)
+    assert first["nodes"]["traffic"]["n"] == 10 and first["nodes"]["traffic"]["errors"] == 3
+
+    assert second["totals"]["n"] == 1 and second["totals"]["errors"] == 0
+    assert second["totals"]["first_error_ts"] is None
+    assert second["totals"]["last_error_ts"] is None
+    assert second["totals"]["ms_hist"] == [[latency_bucket(2.0), 1]]
+
+
+def test_an_empty_second_has_zero_counts_and_an_empty_histogram() -> None:
+    agg = aggregator()
+    agg.frame(T0 + 1.0)
+    point = agg.snapshot(T0 + 1)["history"][-1]
+    assert point["totals"] | {} == {
+        "rps": 0.0,
+        "error_pct": 0.0,
+        "p50_ms": None,
+        "p99_ms": None,
+        "n": 0,
+        "errors": 0,
+        "first_error_ts": None,
+        "last_error_ts": None,
+        "ms_hist": [],
+    }
+    assert point["nodes"]["lb"] | {} == {
+        "rps": 0.0,
+        "error_pct": 0.0,
+        "p50_ms": None,
+        "p99_ms": None,
+        "n": 0,
+        "errors": 0,
+    }
+
+
+def test_the_latency_histogram_is_sorted_and_close_to_the_real_latencies() -> None:
+    agg = aggregator()
+    latencies = [1.0, 5.0, 5.2, 48.0, 300.0, 305.0, 1500.0, 0.01]
+    for i, ms in enumerate(latencies):
+        agg.ingest(call("traffic", "lb", T0 + 0.1 + i / 20, ms=ms))
+    agg.frame(T0 + 1.0)
+    histogram = agg.snapshot(T0 + 1)["history"][-1]["totals"]["ms_hist"]
+    assert [ms for ms, _ in histogram] == sorted(ms for ms, _ in histogram)
+    assert sum(count for _, count in histogram) == len(latencies)
+    assert dict(histogram)[latency_bucket(300.0)] == 2  # 300 and 305 ms share a bucket
+    for ms in latencies[:-1]:
+        assert abs(latency_bucket(ms) - ms) <= 0.03 * ms, ms  # the middle is within 3 %
+    assert latency_bucket(0.01) == latency_bucket(0.1)  # tiny latencies share the first bucket
+    # 40 buckets to a decade: an exact power of ten is the top of its bucket.
+    assert latency_bucket(10.0) < 10.0 < latency_bucket(10.01)
+
+
+def test_a_resumed_history_keeps_its_points_as_they_were() -> None:
+    agg = aggregator()
+    agg.ingest(call("traffic", "lb", T0 + 0.5, status=503))
+    agg.frame(T0 + 1.0)
+    snapshot = agg.snapshot(T0 + 1)
+    again = Aggregator(window=1.0, lag=0.0)
+    again.resume(snapshot)
+    assert again.snapshot(T0 + 1)["history"] == snapshot["history"]
+    assert again.snapshot(T0 + 1)["history"][-1]["totals"]["errors"] == 1

@@ -7,7 +7,7 @@ from django.urls import reverse
 from apps.accounts.models import User
 from apps.labs import services
 from apps.labs.engine.base import Engine
-from apps.labs.models import Sandbox
+from apps.labs.models import Fault, Sandbox
 from tests.conftest import client_for
 
 pytestmark = pytest.mark.django_db
@@ -32,6 +32,20 @@ def test_launch_from_the_panel(
     assert 'hx-trigger="every 1s"' in html  # the panel polls until the sandbox runs
     assert len(callbacks) == 1
     assert Sandbox.objects.get().owner == learner
+
+
+def test_the_panel_says_what_a_launch_is_doing(learner: User, local_engine: Engine) -> None:
+    sandbox = services.sandbox_launch(user=learner, pattern_id="replicated-lb", enqueue=False)
+    url = reverse("labs:sandbox", args=[sandbox.hex])
+    html = client_for(learner).get(url, HTTP_HX_REQUEST="true").content.decode()
+    assert "Waiting for a worker to pick up the launch" in html
+    # Each step of the launch task names itself; the panel (polled every second) shows it.
+    services.sandbox_transition(sandbox=sandbox, to=Sandbox.State.STARTING)
+    services._stage(sandbox, "Waiting for the nodes to answer: 3 of 5 ready")
+    html = client_for(learner).get(url, HTTP_HX_REQUEST="true").content.decode()
+    assert 'data-testid="sandbox-stage">Waiting for the nodes to answer: 3 of 5 ready…' in html
+    started = services.sandbox_start(sandbox_id=sandbox.hex)
+    assert started.state == Sandbox.State.RUNNING and started.stage == ""
 
 
 def test_over_quota_gets_a_message_not_an_error_page(sandbox: Sandbox, learner: User) -> None:
@@ -67,8 +81,17 @@ def test_chapters_whose_pattern_is_not_built_say_so(
 def test_another_learner_gets_404_for_every_action(sandbox: Sandbox, other_learner: User) -> None:
     client = client_for(other_learner)
     assert client.get(reverse("labs:sandbox", args=[sandbox.hex])).status_code == 404
-    for name in ("labs:stop", "labs:extend"):
+    for name in ("labs:stop", "labs:extend", "labs:faults", "labs:controls"):
         assert client.post(reverse(name, args=[sandbox.hex])).status_code == 404
+    for name in ("labs:faults", "labs:controls"):
+        assert client.get(reverse(name, args=[sandbox.hex])).status_code == 404
+    fault = services.fault_inject(
+        sandbox=sandbox, node_name="replica-1", kind="latency", enqueue=False
+    )
+    revert = reverse("labs:fault_revert", args=[sandbox.hex, fault.pk])
+    assert client.post(revert).status_code == 404
+    fault.refresh_from_db()
+    assert fault.reverted_at is None
     sandbox.refresh_from_db()
     assert sandbox.state == Sandbox.State.RUNNING
 
@@ -77,6 +100,9 @@ def test_anonymous_visitors_are_sent_to_sign_in(sandbox: Sandbox, client: Client
     response = client.get(reverse("labs:sandbox", args=[sandbox.hex]))
     assert response.status_code == 302 and "/accounts/login/" in response["Location"]
     assert client.post(reverse("labs:stop", args=[sandbox.hex])).status_code == 302
+    faults = reverse("labs:faults", args=[sandbox.hex])
+    assert client.post(faults, {"node": "lb", "kind": "kill", "duration": "10"}).status_code == 302
+    assert not Fault.objects.exists()
     sandbox.refresh_from_db()
     assert sandbox.state == Sandbox.State.RUNNING
 
@@ -121,6 +147,134 @@ def test_watching_the_panel_keeps_the_sandbox_from_idling(
         .get(reverse("labs:sandbox", args=[sandbox.hex]), HTTP_HX_REQUEST="true")
         .content.decode()
     )
-    assert 'hx-trigger="every 30s"' in html  # a running panel keeps reporting in
+    # A running panel watches over its WebSocket, which keeps the sandbox alive from then
+    # on (tests/labs/test_consumers.py); rendering the panel counts as watching too.
+    assert f'ws-connect="/ws/sandboxes/{sandbox.hex}/"' in html
     sandbox.refresh_from_db()
     assert sandbox.last_seen_at > long_ago
+
+
+# --- the live lab: faults and controls ----------------------------------------------------
+
+
+def _post(user: User, name: str, sandbox: Sandbox, data: dict[str, str]) -> tuple[int, str]:
+    response = client_for(user).post(
+        reverse(name, args=[sandbox.hex]), data, HTTP_HX_REQUEST="true"
+    )
+    return response.status_code, response.content.decode()
+
+
+def test_the_running_panel_is_the_live_lab(sandbox: Sandbox, learner: User) -> None:
+    html = client_for(learner).get(reverse("labs:sandbox", args=[sandbox.hex])).content.decode()
+    assert 'data-testid="lab-graph"' in html
+    assert 'id="lab-topology"' in html  # nodes, layout and links for the graph
+    assert 'id="event-log"' in html
+    assert "replica-3</option>" in html  # every node can be picked for a fault
+    assert 'data-testid="control-policy"' in html
+
+
+def test_the_owner_injects_a_fault_and_sees_its_countdown(
+    sandbox: Sandbox, learner: User, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    with django_capture_on_commit_callbacks() as callbacks:
+        status, html = _post(
+            learner, "labs:faults", sandbox,
+            {"node": "replica-2", "kind": "latency", "duration": "20", "ms": "250"},
+        )  # fmt: skip
+    assert status == 200
+    fault = Fault.objects.get()
+    assert (fault.node.name, fault.kind, fault.params["ms"]) == ("replica-2", "latency", 250)
+    assert len(callbacks) == 1  # the automatic revert is scheduled
+    assert 'data-testid="active-fault" data-node="replica-2"' in html
+    assert f'data-expires="{int(fault.expires_at.timestamp())}"' in html
+    # The form keeps the learner's choices for the next fault.
+    assert '<option value="replica-2" selected>' in html
+    assert '<option value="20" selected>' in html
+    state = services.get_engine().control(sandbox.hex, "replica-2", {"op": "state"})
+    assert "latency" in str(state)
+
+    status, html = _post(learner, "labs:faults", sandbox, {})  # nothing chosen
+    assert status == 400 and 'data-testid="fault-message"' in html
+    revert = client_for(learner).post(
+        reverse("labs:fault_revert", args=[sandbox.hex, fault.pk]), HTTP_HX_REQUEST="true"
+    )
+    assert revert.status_code == 200
+    fault.refresh_from_db()
+    assert fault.reverted_at is not None
+    assert 'data-testid="active-fault"' not in revert.content.decode()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"node": "replica-9", "kind": "kill", "duration": "10"}, "no node named"),
+        ({"node": "lb", "kind": "meltdown", "duration": "10"}, "does not support"),
+        ({"node": "lb", "kind": "kill", "duration": "ten"}, "must be a number"),
+        ({"node": "lb", "kind": "kill", "duration": "2.5"}, "whole number"),
+        ({"node": "lb", "kind": "kill", "duration": "100000"}, "from 1 to"),
+        ({"node": "lb", "kind": "latency", "duration": "10", "ms": "-4"}, "ms must be"),
+        ({"node": "lb", "kind": "errors", "duration": "10", "rate_pct": "nan"}, "must be a number"),
+    ],
+)
+def test_bad_fault_requests_get_a_clear_message_and_change_nothing(
+    sandbox: Sandbox, learner: User, data: dict[str, str], message: str
+) -> None:
+    status, html = _post(learner, "labs:faults", sandbox, data)
+    assert status == 400
+    assert 'data-testid="fault-message"' in html
+    assert message in html
+    assert not Fault.objects.exists()
+
+
+def test_the_owner_changes_live_controls(sandbox: Sandbox, learner: User) -> None:
+    status, html = _post(
+        learner, "labs:controls", sandbox, {"control": "policy", "value": "least-connections"}
+    )
+    assert status == 200
+    assert "<option selected>least-connections</option>" in html
+    engine = services.get_engine()
+    assert engine.control(sandbox.hex, "lb", {"op": "state"})["config"]["policy"] == (
+        "least-connections"
+    )
+    # A checkbox sends "off" (hidden field) and "on" when ticked: unticked means off.
+    status, html = _post(
+        learner, "labs:controls", sandbox, {"control": "health_checks", "value": "off"}
+    )
+    assert status == 200
+    assert engine.control(sandbox.hex, "lb", {"op": "state"})["config"]["health_checks"] is False
+    sandbox.refresh_from_db()
+    assert sandbox.controls == {"policy": "least-connections", "health_checks": False}
+
+    # A killed balancer comes back with the learner's settings, not its defaults.
+    fault = services.fault_inject(sandbox=sandbox, node_name="lb", kind="kill", enqueue=False)
+    services.fault_revert(fault_id=fault.pk)
+    config = engine.control(sandbox.hex, "lb", {"op": "state"})["config"]
+    assert (config["policy"], config["health_checks"]) == ("least-connections", False)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"control": "policy", "value": "fastest"}, "Control &#x27;policy&#x27;"),
+        ({"control": "rps", "value": "lots"}, "must be a number"),
+        ({"control": "rps", "value": "5000"}, "Control &#x27;rps&#x27;"),
+        ({"control": "warp", "value": "9"}, "no live control"),
+    ],
+)
+def test_bad_control_values_get_a_clear_message_and_change_nothing(
+    sandbox: Sandbox, learner: User, data: dict[str, str], message: str
+) -> None:
+    status, html = _post(learner, "labs:controls", sandbox, data)
+    assert status == 400
+    assert 'data-testid="control-message"' in html
+    assert message in html
+    sandbox.refresh_from_db()
+    assert sandbox.controls == {}
+
+
+def test_a_stopped_sandbox_answers_with_the_whole_panel(sandbox: Sandbox, learner: User) -> None:
+    services.sandbox_stop(sandbox=sandbox, enqueue=False)
+    status, html = _post(learner, "labs:faults", sandbox, {"node": "lb", "kind": "kill"})
+    assert status == 200
+    assert 'id="sandbox-box"' in html and "Stopping" in html
+    assert not Fault.objects.exists()

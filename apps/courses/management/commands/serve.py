@@ -1,25 +1,32 @@
 from __future__ import annotations
 
+import asyncio
 from argparse import ArgumentParser
-from typing import Any
+from typing import Any, cast
 
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 from daphne.endpoints import build_endpoint_description_strings
 from daphne.server import Server
 from django.conf import settings
 from django.core.management.base import BaseCommand
+from twisted.internet import reactor as _reactor
+from twisted.internet import threads
+from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
 from apps.courses.services import content_sync
 from apps.labs.engine import EngineError, get_engine
 from apps.labs.services import sandbox_reap
 from config.asgi import application
 from config.celery import app as celery_app
-from config.embedded import EmbeddedCelery
+from config.embedded import EmbeddedCelery, EmbeddedSupervisor
+
+reactor = cast(AsyncioSelectorReactor, _reactor)  # the reactor daphne.server installs
 
 
 class Command(BaseCommand):
     help = (
         "Serve Distlab over HTTP and WebSocket (Daphne). Without REDIS_URL it also runs "
-        "the background worker and scheduler in this process."
+        "the background worker and scheduler, and the telemetry supervisor, in this process."
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
@@ -44,6 +51,18 @@ class Command(BaseCommand):
         if settings.CELERY_EMBEDDED_WORKER and not no_worker:
             embedded = EmbeddedCelery(celery_app)
             embedded.start()
+        supervisors: list[EmbeddedSupervisor] = []  # started once Daphne's loop exists
+
+        def start_supervisor() -> None:
+            supervisors.append(self._start_supervisor())
+
+        if settings.SANDBOX_SUPERVISOR_IN_PROCESS:
+            self.stdout.write("telemetry: the supervisor runs in this process")
+        elif isinstance(get_channel_layer(), InMemoryChannelLayer):
+            self.stderr.write(
+                "telemetry: SANDBOX_SUPERVISOR_IN_PROCESS is off and the channel layer is "
+                "in-memory, so no live telemetry reaches this server's viewers"
+            )
         shown = f"[{host}]" if ":" in host else host
         self.stdout.write(f"Distlab is serving at http://{shown}:{port}/  (Ctrl+C to stop)")
         try:
@@ -52,10 +71,25 @@ class Command(BaseCommand):
                 endpoints=build_endpoint_description_strings(host=host, port=port),
                 signal_handlers=True,
                 verbosity=0,
+                ready_callable=start_supervisor if settings.SANDBOX_SUPERVISOR_IN_PROCESS else None,
             ).run()
         finally:
+            for supervisor in supervisors:  # stopped already, unless the reactor never ran
+                supervisor.stop()
             if embedded is not None:
                 embedded.stop()
+
+    def _start_supervisor(self) -> EmbeddedSupervisor:
+        """Start the telemetry supervisor. Daphne calls this just before its reactor runs,
+        after making its asyncio loop (the one every consumer runs on) the current one: the
+        in-memory channel layer must be used on that loop. The supervisor is stopped before
+        the reactor shuts down, so that what it is still sending goes out."""
+        layer = get_channel_layer()
+        loop = asyncio.get_event_loop() if isinstance(layer, InMemoryChannelLayer) else None
+        supervisor = EmbeddedSupervisor(get_engine(), layer, loop=loop)
+        supervisor.start()
+        reactor.addSystemEventTrigger("before", "shutdown", threads.deferToThread, supervisor.stop)
+        return supervisor
 
     def _prepare_sandboxes(self) -> None:
         """Pick the engine, make sure the sandbox image exists (built once from

@@ -1,0 +1,246 @@
+"""The live lab, end to end, as a learner uses it: `manage.py serve` exactly as `make run`
+starts it (embedded worker, in-memory channel layer, in-process telemetry supervisor) with
+real Docker sandboxes, driven in headless Chromium. Screenshots of each step go to
+tests/e2e/artifacts/ (40-…)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from apps.accounts.models import User
+from apps.labs.models import ExperimentRun, Sandbox
+from tests.conftest import REPO, shared_test_database_url
+from tests.e2e.conftest import ARTIFACTS
+from tests.e2e.test_sandbox_panel import sign_in
+from tests.labs.engine.conftest import docker_engine
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+PASSWORD = "a-long-enough-passphrase-1"
+INSTANCE = f"e2e-lab-{os.getpid()}"
+STATE_UP = re.compile(r"\bstate-up\b")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Platform:
+    """`manage.py serve` on the test database with the Docker engine, as a process that a
+    test can restart (on the same port: open pages reconnect to it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "SANDBOX_ENGINE"}}
+        self.env.update(
+            DEBUG="true",
+            DATABASE_URL=shared_test_database_url(),
+            SANDBOX_ENGINE="docker",
+            SANDBOX_INSTANCE=INSTANCE,
+            DISTLAB_VAR_DIR=str(folder),
+        )
+        self.log = (folder / "serve.log").open("a")
+        self.server: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.server = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--port", str(self.port)],
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.base}/", timeout=2).close()
+                return
+            except OSError:
+                assert self.server.poll() is None, self.output()
+                assert time.monotonic() < deadline, "serve did not answer within 60 s"
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.server is None:
+            return
+        self.server.terminate()
+        try:
+            self.server.wait(30)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait(10)
+        self.server = None
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.folder / "serve.log").read_text()
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    """A running platform; every sandbox it made is removed afterwards, whatever happened."""
+    from apps.labs.engine.docker import DockerEngine
+
+    docker_engine()  # a Docker engine and the sandbox image (required in CI)
+    running = Platform(tmp_path)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+        output = running.output()
+        running.log.close()
+        engine = DockerEngine(instance=INSTANCE)
+        for info in engine.list_sandboxes():
+            engine.destroy(info.sandbox_id)
+        print(output[-4000:])  # shown when the test fails
+        assert "Traceback" not in output, output[-4000:]
+
+
+def shot(page: Page, name: str) -> None:
+    """The whole sandbox panel (graph, charts, forms and log), whatever the viewport (the
+    sticky site header would otherwise be drawn across it)."""
+    page.add_style_tag(content=".site-header { position: static; }")
+    page.locator("#sandbox").screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def node(page: Page, name: str):  # type: ignore[no-untyped-def]
+    return page.locator(f'g.gnode[data-node="{name}"]')
+
+
+def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, platform: str) -> None:  # type: ignore[no-untyped-def]
+    User.objects.create_user(username="lab", password=PASSWORD)
+    context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=platform.base)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    # Launch from chapter 5 and watch it come up.
+    sign_in(page, "lab", PASSWORD)
+    page.goto("/chapters/replicated-load-balanced-services/#sandbox")
+    expect(page.get_by_test_id("no-isolation")).to_have_count(0)  # Docker: isolated
+    page.get_by_test_id("launch-sandbox").click()
+    expect(page.get_by_test_id("sandbox-state")).to_have_text("Running", timeout=60_000)
+    sandbox = Sandbox.objects.get()
+    assert sandbox.engine == "docker"
+
+    # All nodes on the graph, the stream live, requests moving.
+    for name in ("traffic", "lb", "replica-1", "replica-2", "replica-3"):
+        expect(node(page, name)).to_have_class(STATE_UP)
+    expect(page.get_by_test_id("lab-connection")).to_have_text("● Live", timeout=20_000)
+    page.wait_for_function("document.querySelectorAll('.g-dots .dot').length > 0")
+    page.wait_for_function(
+        "parseFloat(document.querySelector('[data-stat=rps]').textContent) >= 15"
+    )
+    expect(page.get_by_test_id("event-log")).to_contain_text("lb started")
+    shot(page, "40-lab-running")
+
+    # Kill replica-2 for 10 s, picked by clicking it on the graph.
+    node(page, "replica-2").click()
+    expect(page.get_by_test_id("fault-node")).to_have_value("replica-2")
+    page.get_by_test_id("fault-kind").select_option("kill")
+    page.get_by_test_id("fault-duration").select_option("10")
+    page.get_by_test_id("inject-fault").click()
+    expect(page.get_by_test_id("active-fault")).to_contain_text("replica-2")
+    expect(page.get_by_test_id("fault-countdown")).to_contain_text("reverts in")
+    expect(node(page, "replica-2")).to_have_class(
+        re.compile(r"\bstate-killed\b.*\bhas-fault\b"), timeout=5_000
+    )
+    expect(page.get_by_test_id("event-log")).to_contain_text("replica-2 is down")
+    # Users saw errors until the balancer ejected it, then none.
+    page.wait_for_function(
+        "document.querySelector('[data-stat=error_pct]').classList.contains('is-bad')",
+        timeout=10_000,
+    )
+    shot(page, "41-lab-replica-killed")
+    expect(page.get_by_test_id("event-log")).to_contain_text("lb ejected replica-2")
+    expect(page.get_by_test_id("stat-errors")).to_have_text("0.0 %", timeout=10_000)
+    shot(page, "42-lab-errors-over")
+
+    # The fault reverts by itself; the replica comes back and is re-admitted.
+    expect(page.get_by_test_id("event-log")).to_contain_text(
+        "kill fault on replica-2 cleared", timeout=20_000
+    )
+    expect(page.get_by_test_id("event-log")).to_contain_text("lb re-admitted replica-2")
+    expect(node(page, "replica-2")).to_have_class(STATE_UP, timeout=10_000)
+    expect(page.get_by_test_id("active-fault")).to_have_count(0)
+    shot(page, "43-lab-replica-back")
+
+    # The first experiment: predict, run (the platform kills replica-2 for the learner),
+    # and get a check computed from this sandbox's own telemetry, stored with progress.
+    card = page.get_by_test_id("experiment-kill-replica")
+    card.get_by_test_id("prediction-kill-replica-under-1s").check()
+    shot(page, "45-lab-experiment-predicted")
+    card.get_by_test_id("start-kill-replica").click()
+    expect(card.get_by_test_id("run-status")).to_have_attribute("data-state", "running")
+    expect(card.get_by_test_id("run-countdown")).to_contain_text("result in about")
+    expect(node(page, "replica-2")).to_have_class(re.compile(r"\bstate-killed\b"), timeout=15_000)
+    shot(page, "46-lab-experiment-running")
+    result = card.get_by_test_id("run-result")
+    expect(result).to_be_visible(timeout=45_000)
+    expect(card.get_by_test_id("run-prediction")).to_have_text("Less than a second")
+    expect(card.get_by_test_id("run-measured")).to_be_visible()
+    run = ExperimentRun.objects.get()
+    assert (run.state, run.experiment) == ("checked", "kill-replica")
+    assert run.correct is not None and run.measured
+    assert f"{run.measured['calls']:.0f} " in run.explanation  # the learner's own figures
+    expect(card.get_by_test_id("run-explanation")).to_have_text(run.explanation)
+    shot(page, "47-lab-experiment-result")
+
+    # A live control: least-connections, applied on the balancer and logged.
+    page.locator("#control-policy").select_option("least-connections")
+    expect(page.get_by_test_id("event-log")).to_contain_text(
+        "switched policy from round-robin to least-connections"
+    )
+
+    # The server restarts: the page keeps its graph and charts, reconnects by itself, and
+    # the restarted supervisor picks the running sandbox up again.
+    span = (  # the time span of the charts' data
+        "(l => [l.times[0], l.times[l.times.length - 1]])"
+        "(document.querySelector('[data-lab]').__lab)"
+    )
+    first, last = page.evaluate(span)
+    platform.stop()
+    expect(page.get_by_test_id("lab-connection")).not_to_have_text("● Live", timeout=10_000)
+    expect(page.locator("g.gnode")).to_have_count(5)
+    assert page.evaluate(span) == [first, last]  # nothing was cleared
+    shot(page, "44-lab-reconnecting")
+    platform.start()
+    expect(page.get_by_test_id("lab-connection")).to_have_text("● Live", timeout=40_000)
+    page.wait_for_function(f"{span}[1] > {last} + 2")  # new data after the old…
+    assert page.evaluate(span)[0] == first  # …and the old still there
+
+    # The result is on the course home, with the learner's progress.
+    home = context.new_page()
+    home.goto("/")
+    expect(home.get_by_test_id("chapter-5").get_by_test_id("experiments-progress")).to_have_text(
+        "Experiments 1/2"
+    )
+    home.close()
+
+    # Stop: the panel offers a new launch and the containers are gone.
+    page.get_by_test_id("stop-sandbox").click()
+    expect(page.get_by_test_id("launch-sandbox")).to_be_visible(timeout=30_000)
+    shot(page, "49-lab-stopped")
+    sandbox.refresh_from_db()
+    assert sandbox.state == Sandbox.State.STOPPED
+    from apps.labs.engine.docker import DockerEngine
+
+    assert DockerEngine(instance=INSTANCE).list_sandboxes() == []
+    assert errors == []
+    context.close()
