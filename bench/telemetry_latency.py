@@ -3,7 +3,7 @@ frame or event that carries it, through the supervisor and the Redis channel lay
 Prints one JSON object.
 
     DEBUG=true .venv/bin/python bench/telemetry_latency.py [--seconds 20] [--engine local]
-        [--interval 0.25]
+        [--interval 0.125]
 
 Launches one replicated-lb sandbox (40 requests/s) through the platform's services, runs
 the supervisor (its own thread and loop, as in its own process) on the Redis channel
@@ -35,7 +35,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--engine", choices=["local", "docker"], default="local")
-    parser.add_argument("--interval", type=float, default=0.25, help="supervisor frame interval")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        help="supervisor frame interval (default: the platform's, 0.125 s)",
+    )
     args = parser.parse_args()
 
     frame_ms: list[float] = []
@@ -43,7 +48,9 @@ def main() -> None:
     with platform("distlab-telemetry-", engine=args.engine, redis=True) as lab:
         from channels.layers import get_channel_layer
 
-        from apps.labs.supervisor import Supervisor
+        from apps.labs.supervisor import FRAME_INTERVAL, Supervisor
+
+        interval = args.interval or FRAME_INTERVAL
 
         user = lab.user("bench-viewer")
         cookie = lab.cookie(user).encode()
@@ -51,7 +58,7 @@ def main() -> None:
         engine = lab.engine
         stop = threading.Event()
         supervisor = threading.Thread(
-            target=Supervisor(engine, get_channel_layer(), interval=args.interval).run,
+            target=Supervisor(engine, get_channel_layer(), interval=interval).run,
             args=(stop,),
         )
         supervisor.start()
@@ -66,7 +73,7 @@ def main() -> None:
         "engine": engine.name,
         "layer": "redis",
         "seconds": args.seconds,
-        "interval_s": args.interval,
+        "interval_s": interval,
         "frames_per_s": round(frames / args.seconds, 2),
         "frame_samples": len(frame_ms),
         "frame_p50_ms": percentile(frame_ms, 50),

@@ -43,6 +43,7 @@ SNAPSHOT_SECONDS = 1.0
 SNAPSHOT_TTL = 600  # seconds a stored snapshot outlives its supervisor
 REATTACH_SECONDS = 5.0  # how far back a follower starts when it (re)attaches
 RETRY_SECONDS = 1.0  # before following a node again after its follower ended
+FRAME_INTERVAL = 0.125  # seconds between a sandbox's frames: 8 a second
 MAX_PENDING_FRAMES = 50  # unsent frames beyond this are dropped (latest wins)
 
 
@@ -82,7 +83,7 @@ class Supervisor:
         engine: Engine,
         layer: Any,
         *,
-        interval: float = 0.125,
+        interval: float = FRAME_INTERVAL,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.engine = engine
