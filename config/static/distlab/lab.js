@@ -380,7 +380,8 @@
         (this.hasFault(n) ? " has-fault" : ""));
       els.state.textContent = st.icon + " " + st.label;
       var s = node.stats;
-      els.stats.textContent = s && node.state !== "killed" ? fmt(s.rps, s.rps < 10 ? 1 : 0, "/s") : "";
+      // Only an up node's rate: the other states' labels need the room (and it is ~0).
+      els.stats.textContent = s && node.state === "up" ? fmt(s.rps, s.rps < 10 ? 1 : 0, "/s") : "";
       els.tip.textContent = n + " (" + node.role + "): " + st.label +
         (s ? ", " + fmt(s.rps, 1, " req/s") + ", " + fmt(s.error_pct, 1, "% errors") + ", p99 " + fmt(s.p99_ms, 0, " ms") : "");
     }
@@ -522,7 +523,8 @@
     this.charts = {};
     var text = cssVar("--muted"), grid = cssVar("--border");
     // Okabe–Ito colours: distinguishable with the common colour-vision deficiencies.
-    var blue = "#0072B2", vermillion = "#D55E00", orange = "#E69F00";
+    var dark = document.documentElement.getAttribute("data-theme") === "dark";
+    var blue = dark ? "#56B4E9" : "#0072B2", vermillion = "#D55E00", orange = "#E69F00";
     var self = this;
     var axes = function (unit) {
       return [
