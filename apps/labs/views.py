@@ -7,6 +7,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
+from django_htmx.http import reswap, retarget
 
 from apps.accounts.http import AuthedHttpRequest
 from apps.labs import selectors, services
@@ -180,6 +181,15 @@ def sandbox_extend(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
     return render(request, STATUS if request.POST.get("part") == "status" else PANEL, context)
 
 
+def _ended_panel(request: AuthedHttpRequest, sandbox: Sandbox) -> HttpResponse:
+    """A part of the live lab asked of a sandbox that no longer runs: the whole panel,
+    which says what became of it, in place of the panel (not inside the part)."""
+    response = render(
+        request, PANEL, panel_context(user=request.user, pattern=sandbox.pattern, sandbox=sandbox)
+    )
+    return reswap(retarget(response, "#sandbox-box"), "outerHTML")
+
+
 def _running_sandbox(request: AuthedHttpRequest, sandbox_id: str) -> Sandbox:
     return selectors.sandbox_get_for_user(user=request.user, sandbox_id=sandbox_id)
 
@@ -231,11 +241,7 @@ def sandbox_faults(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
         except (services.SandboxError, EngineError) as exc:
             message = str(exc)
     if sandbox.state != Sandbox.State.RUNNING:
-        return render(
-            request,
-            PANEL,
-            panel_context(user=request.user, pattern=sandbox.pattern, sandbox=sandbox),
-        )
+        return _ended_panel(request, sandbox)
     context = {"sandbox": sandbox, "fault_message": message, "fault_notice": notice}
     context.update(faults_context(sandbox, form=form))
     return render(request, FAULTS, context, status=400 if message else 200)
@@ -282,11 +288,7 @@ def sandbox_controls(request: AuthedHttpRequest, sandbox_id: str) -> HttpRespons
             except (services.SandboxError, EngineError, TimeoutError) as exc:
                 message = str(exc)
     if sandbox.state != Sandbox.State.RUNNING:
-        return render(
-            request,
-            PANEL,
-            panel_context(user=request.user, pattern=sandbox.pattern, sandbox=sandbox),
-        )
+        return _ended_panel(request, sandbox)
     context = {"sandbox": sandbox, "control_message": message}
     context.update(controls_context(sandbox))
     return render(request, CONTROLS, context, status=400 if message else 200)

@@ -274,7 +274,13 @@ def test_bad_control_values_get_a_clear_message_and_change_nothing(
 
 def test_a_stopped_sandbox_answers_with_the_whole_panel(sandbox: Sandbox, learner: User) -> None:
     services.sandbox_stop(sandbox=sandbox, enqueue=False)
-    status, html = _post(learner, "labs:faults", sandbox, {"node": "lb", "kind": "kill"})
-    assert status == 200
+    response = client_for(learner).post(
+        reverse("labs:faults", args=[sandbox.hex]), {"node": "lb", "kind": "kill"},
+        HTTP_HX_REQUEST="true",
+    )  # fmt: skip
+    assert response.status_code == 200
+    # It replaces the whole panel, not the fault form it was posted from.
+    assert (response["HX-Retarget"], response["HX-Reswap"]) == ("#sandbox-box", "outerHTML")
+    html = response.content.decode()
     assert 'id="sandbox-box"' in html and "Stopping" in html
     assert not Fault.objects.exists()
