@@ -134,8 +134,8 @@ def test_random_spreads_requests_roughly_evenly(cluster: LocalCluster) -> None:
     configure(cluster, "traffic", rps=150)
     mark = cluster.mark()
     configure(cluster, "lb", policy="random")
-    event = cluster.wait_event("lb", "state", mark, event="policy")
-    assert (event["policy"], event["previous"]) == ("random", "round-robin")
+    event = cluster.wait_event("lb", "state", mark, event="config", key="policy")
+    assert (event["value"], event["previous"]) == ("random", "round-robin")
     counts = measure(cluster, 300)
     assert all(55 <= counts[r] <= 145 for r in REPLICAS), counts  # 100 ± over 5 sigma
 

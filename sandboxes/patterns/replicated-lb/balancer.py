@@ -53,16 +53,14 @@ def setup(node: Node) -> None:
 
     # ---- live settings: the sandbox's controls change them while traffic flows ----
 
-    def policy_changed(new: str, previous: str) -> None:
-        node.state("policy", policy=new, previous=previous)
-
     def health_checks_switched(on: bool, previous: bool) -> None:
         for b in backends.values():
             b.fails = b.passes = 0
             if not on and not b.in_rotation:  # the naive balancer trusts every replica
                 admit(b, "health checks switched off")
 
-    node.setting("policy", "round-robin", choices=POLICIES, on_change=policy_changed)
+    # A change is announced by the runtime's own `config` event: no second event for it.
+    node.setting("policy", "round-robin", choices=POLICIES)
     node.setting("health_checks", True, on_change=health_checks_switched)
     node.setting("health_interval_s", float(checks.get("interval_s", 1)), minimum=0.1, maximum=60)
     node.setting("unhealthy_threshold", checks.get("unhealthy_threshold", 1), minimum=1, maximum=10)
