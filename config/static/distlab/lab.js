@@ -14,7 +14,7 @@
   var MAX_DOTS = 160;
   var MAX_EVENTS = 200;
   var STALE_MS = 3000; // no frame for this long: the stream is not live
-  var NODE_H = 48;
+  var NODE_H = 62;
   // Close codes from apps/labs/consumers.py.
   var CLOSE_TEXT = {
     4401: "Signed out: sign in again to watch this sandbox.",
@@ -304,7 +304,7 @@
     // on a projector; redrawn when that size changes.
     var VIEW_W = Math.max(280, Math.min(1000, Math.round(svg.clientWidth || 600)));
     this.drawnWidth = VIEW_W;
-    var NODE_W = Math.round(Math.max(84, Math.min(136, VIEW_W / Math.max(1, columns.length) - 64)));
+    var NODE_W = Math.round(Math.max(84, Math.min(144, VIEW_W / Math.max(1, columns.length) - 60)));
     this.nodeW = NODE_W;
     // As tall as the longest column needs (six replicas fit), so a small graph is not
     // lost in a big box; it changes only when nodes are added or removed.
@@ -363,8 +363,9 @@
       title.textContent = n;
       var state = el("text", { x: 9, y: 38, class: "gnode-state" }, box);
       var stats = el("text", { x: NODE_W - 7, y: 38, class: "gnode-stats", "text-anchor": "end" }, box);
+      var detail = el("text", { x: 9, y: 54, class: "gnode-detail" }, box);
       var tip = el("title", {}, box);
-      this.nodeEls[n] = { g: box, rect: rect, state: state, stats: stats, tip: tip };
+      this.nodeEls[n] = { g: box, rect: rect, state: state, stats: stats, detail: detail, tip: tip };
     }
     this.updateGraph();
     this.updateLists();
@@ -382,8 +383,14 @@
       var s = node.stats;
       // Only an up node's rate: the other states' labels need the room (and it is ~0).
       els.stats.textContent = s && node.state === "up" ? fmt(s.rps, s.rps < 10 ? 1 : 0, "/s") : "";
+      // Requests piling up on a node is how a slow one shows (its p99 is in the tooltip
+      // and in the node's own charts).
+      els.detail.textContent = s && node.state !== "killed" && s.in_flight !== null && s.in_flight !== undefined
+        ? fmt(s.in_flight, s.in_flight < 10 ? 1 : 0) + " in flight"
+        : "";
       els.tip.textContent = n + " (" + node.role + "): " + st.label +
-        (s ? ", " + fmt(s.rps, 1, " req/s") + ", " + fmt(s.error_pct, 1, "% errors") + ", p99 " + fmt(s.p99_ms, 0, " ms") : "");
+        (s ? ", " + fmt(s.rps, 1, " req/s") + ", " + fmt(s.error_pct, 1, "% errors") + ", p50 " + fmt(s.p50_ms, 0, " ms") +
+          ", p99 " + fmt(s.p99_ms, 0, " ms") + ", " + fmt(s.in_flight, 1) + " in flight" : "");
     }
     for (var key in this.edgeEls) {
       var link = this.links[key];
