@@ -226,24 +226,39 @@ def _stage(sandbox: Sandbox, text: str) -> None:
     Sandbox.objects.filter(pk=sandbox.pk).update(stage=text[:80])
 
 
-def _wait_ready(sandbox: Sandbox, spec: SandboxSpec, *, report: bool = False) -> None:
-    """Every node's runtime answers its control channel (it serves HTTP by then); with
-    ``report``, the launch stage counts the nodes that answer."""
+def _wait_ready(
+    sandbox: Sandbox,
+    spec: SandboxSpec,
+    *,
+    report: bool = False,
+    names: set[str] | None = None,
+) -> None:
+    """The nodes ``names`` (default: all) answer their control channel (they serve HTTP
+    by then); with ``report``, the launch stage counts them. A node whose process ends
+    meanwhile fails this at once, rather than at the timeout."""
     engine = get_engine()
     deadline = time.monotonic() + settings.SANDBOX_LAUNCH_TIMEOUT
-    waiting = {n.name for n in spec.nodes}
+    waiting = set(names) if names is not None else {n.name for n in spec.nodes}
+    total = len(waiting)
     reported = -1
+    next_status = time.monotonic() + 1.0
     while waiting:
         if report and len(waiting) != reported:
             reported = len(waiting)
-            ready = len(spec.nodes) - reported
-            _stage(sandbox, f"Waiting for the nodes to answer: {ready} of {len(spec.nodes)} ready")
+            _stage(sandbox, f"Waiting for the nodes to answer: {total - reported} of {total} ready")
         for name in sorted(waiting):
             try:
                 if engine.control(sandbox.hex, name, {"op": "state"}).get("ok"):
                     waiting.discard(name)
             except EngineError:
                 pass
+        if waiting and time.monotonic() >= next_status:
+            next_status = time.monotonic() + 1.0
+            for node in engine.status(sandbox.hex):
+                if node.name in waiting and node.state == "exited":
+                    raise EngineError(
+                        f"node {node.name} stopped while starting (exit code {node.exit_code})"
+                    )
         if waiting and time.monotonic() > deadline:
             raise TimeoutError(
                 f"nodes not ready after {settings.SANDBOX_LAUNCH_TIMEOUT} s: "
@@ -631,7 +646,8 @@ def sandbox_scale(*, sandbox: Sandbox, role: str, count: int) -> dict[str, Any]:
     for name in leaving:
         engine.remove_node(sandbox.hex, name)
         Node.objects.filter(sandbox=sandbox, name=name).delete()
-    _wait_ready(sandbox, sandbox_spec(sandbox=sandbox, pattern=pattern))
+    # Only the new nodes: one that a fault has killed meanwhile is not waited for.
+    _wait_ready(sandbox, sandbox_spec(sandbox=sandbox, pattern=pattern), names=set(wanted) - have)
     _push_peers(sandbox)
     return {"control": "scale", "role": role, "count": count}
 

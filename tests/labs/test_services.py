@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import socket
+import time
 from datetime import timedelta
 
 import pytest
@@ -238,6 +240,42 @@ def test_live_controls_and_scaling(learner: User, local_engine: Engine) -> None:
     assert len(local_engine.status(sandbox.hex)) == 4
     with pytest.raises(services.SandboxError, match="from 1 to 6"):
         services.sandbox_control(sandbox=sandbox, control_id="replicas", value=9)
+
+
+def test_scaling_while_a_replica_is_killed_waits_only_for_the_new_ones(
+    learner: User, local_engine: Engine
+) -> None:
+    sandbox = launch(learner)
+    services.fault_inject(sandbox=sandbox, node_name="replica-1", kind="kill", enqueue=False)
+    started = time.monotonic()
+    services.sandbox_control(sandbox=sandbox, control_id="replicas", value=4)
+    assert time.monotonic() - started < 15  # not the launch timeout (60 s)
+    assert sandbox.nodes.filter(role="replica").count() == 4
+
+
+def test_a_node_that_dies_at_start_fails_the_launch_at_once(
+    learner: User, local_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """replica-3 is given a port something else already listens on: it cannot bind and
+    exits, and the launch says so within seconds instead of waiting out the timeout."""
+    from apps.labs.engine import local
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        draws = iter(range(100))
+        real = local._free_port
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(local, "_free_port", lambda: port if next(draws) == 2 else real())
+        created = services.sandbox_launch(user=learner, pattern_id="replicated-lb", enqueue=False)
+        started = time.monotonic()
+        with pytest.raises(EngineError, match="node replica-3 stopped while starting"):
+            services.sandbox_start(sandbox_id=created.hex)
+    assert time.monotonic() - started < 15
+    created.refresh_from_db()
+    assert created.state == Sandbox.State.FAILED
+    assert "replica-3 stopped while starting" in created.error
+    assert local_engine.list_sandboxes() == []
 
 
 def test_extend_adds_time_up_to_the_maximum(learner: User, local_engine: Engine, settings) -> None:  # type: ignore[no-untyped-def]

@@ -52,14 +52,30 @@ STATE_FILE = "sandbox.json"
 NODE_PORTS = range(20000, 32000)
 
 
+# Ports handed out lately, not yet bound by their node: a port that is free now is still
+# taken if another node of this process was given it a moment ago (two nodes of one
+# sandbox drawing the same port would otherwise both pass the check, and one die).
+PORT_HOLD_SECONDS = 120.0
+_handed_out: dict[int, float] = {}
+_handed_out_lock = threading.Lock()
+
+
 def _free_port() -> int:
-    for _ in range(200):
-        port = random.choice(NODE_PORTS)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
+    with _handed_out_lock:
+        now = time.monotonic()
+        for port, when in list(_handed_out.items()):
+            if now - when > PORT_HOLD_SECONDS:
+                del _handed_out[port]
+        for _ in range(200):
+            port = random.choice(NODE_PORTS)
+            if port in _handed_out:
                 continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out[port] = now
             return port
     raise EngineError("no free port for a node between 20000 and 32000")
 
