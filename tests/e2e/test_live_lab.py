@@ -159,7 +159,10 @@ def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, plat
         "parseFloat(document.querySelector('[data-stat=rps]').textContent) >= 80"
     )
 
-    # Kill replica-2 for 10 s, picked by clicking it on the graph.
+    # Kill replica-2 for 10 s, picked on the graph (with the keyboard, then the mouse).
+    node(page, "replica-3").focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("fault-node")).to_have_value("replica-3")
     node(page, "replica-2").click()
     expect(page.get_by_test_id("fault-node")).to_have_value("replica-2")
     page.get_by_test_id("fault-kind").select_option("kill")

@@ -133,6 +133,14 @@
       var target = event.target.closest("[data-node]");
       if (target && !target.closest("form")) self.select(target.getAttribute("data-node"));
     });
+    // Graph nodes are buttons for the keyboard too.
+    root.addEventListener("keydown", function (event) {
+      if (event.key !== "Enter" && event.key !== " ") return;
+      var target = event.target.closest && event.target.closest("g.gnode[data-node]");
+      if (!target) return;
+      event.preventDefault();
+      self.select(target.getAttribute("data-node"));
+    });
     root.addEventListener("change", function (event) {
       if (event.target.matches("[data-lab-scope]")) {
         self.scope = event.target.value;
@@ -446,7 +454,10 @@
 
   // --- moving requests ------------------------------------------------------------------
 
+  var REDUCED_MOTION = window.matchMedia && window.matchMedia("(prefers-reduced-motion: reduce)");
+
   Lab.prototype.launchDots = function (sample) {
+    if (REDUCED_MOTION && REDUCED_MOTION.matches) return; // rates and charts still move
     var now = performance.now();
     for (var i = 0; i < sample.length && this.dots.length < MAX_DOTS; i++) {
       var call = sample[i];
