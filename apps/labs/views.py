@@ -75,12 +75,29 @@ def topology(spec: Pattern, sandbox: Sandbox) -> dict[str, Any]:
     }
 
 
-# Per fault kind, the form fields the panel shows: (field, label, minimum, maximum, default).
-FAULT_FIELDS: dict[str, list[tuple[str, str, float, float, float]]] = {
-    "latency": [("ms", "Added latency (ms)", 1, 10_000, 300)],
-    "errors": [("rate_pct", "Share of requests failed (%)", 1, 100, 50)],
-    "drop": [("rate_pct", "Share of requests dropped (%)", 1, 100, 100)],
+# The fault parameters the panel asks for, by kind, with their labels; their ranges and
+# defaults are the services' (``services.FAULT_PARAMS``), rates shown as percentages.
+FAULT_FIELD_LABELS: dict[str, dict[str, str]] = {
+    "latency": {"ms": "Added latency (ms)"},
+    "errors": {"rate": "Share of requests failed (%)"},
+    "drop": {"rate": "Share of requests dropped (%)"},
 }
+
+
+def fault_fields(kind: str) -> list[tuple[str, str, float, float, float]]:
+    """(form field, label, minimum, maximum, default) for each parameter of ``kind``."""
+    fields: list[tuple[str, str, float, float, float]] = []
+    for name, label in FAULT_FIELD_LABELS.get(kind, {}).items():
+        _type, low, high, default = services.FAULT_PARAMS[kind][name]
+        if name == "rate":
+            fields.append(
+                ("rate_pct", label, round(low * 100), round(high * 100), round(default * 100))
+            )
+        else:
+            fields.append((name, label, low, high, default))
+    return fields
+
+
 FAULT_HELP = {
     "kill": "Stop the node's process: it comes back when the fault reverts.",
     "pause": "Freeze the node: connections stay open but nothing answers.",
@@ -110,7 +127,7 @@ def faults_context(
                 "id": kind,
                 "label": Fault.Kind(kind).label,
                 "help": FAULT_HELP.get(kind, ""),
-                "fields": FAULT_FIELDS.get(kind, []),
+                "fields": fault_fields(kind),
             }
             for kind in spec.faults
         ],
@@ -208,7 +225,7 @@ def _fault_request(post: Any) -> dict[str, Any]:
     """The fault form's fields, as ``services.fault_inject`` takes them."""
     kind = post.get("kind", "")
     params: dict[str, Any] = {}
-    for field, label, _low, _high, _default in FAULT_FIELDS.get(kind, []):
+    for field, label, _low, _high, _default in fault_fields(kind):
         value = _number(post.get(field), label)
         if field == "rate_pct":
             params["rate"] = value / 100

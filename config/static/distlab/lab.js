@@ -313,7 +313,6 @@
     var VIEW_W = Math.max(280, Math.min(1000, Math.round(svg.clientWidth || 600)));
     this.drawnWidth = VIEW_W;
     var NODE_W = Math.round(Math.max(84, Math.min(144, VIEW_W / Math.max(1, columns.length) - 60)));
-    this.nodeW = NODE_W;
     // As tall as the longest column needs (six replicas fit), so a small graph is not
     // lost in a big box; it changes only when nodes are added or removed.
     var most = Math.max.apply(null, columns.map(function (c) { return c.length; }).concat([1]));
