@@ -33,6 +33,14 @@
   var FAULT_EVENTS = { fault: 1, fault_cleared: 1, down: 1, up: 1, paused: 1, resumed: 1, added: 1, removed: 1 };
   var CONTROL_EVENTS = { policy: 1, config: 1, added: 1, removed: 1 };
 
+  // One backoff for every reconnect, ours and htmx's: 0.5 s doubling to at most 10 s, with
+  // jitter so a classroom does not reconnect in step. (htmx's default waits up to 64 s,
+  // far too long to look at a frozen lab after a server restart.)
+  function reconnectDelay(retries) {
+    return Math.min(10000, 500 * Math.pow(2, retries)) * (0.5 + Math.random() / 2);
+  }
+  if (window.htmx) htmx.config.wsReconnectDelay = reconnectDelay;
+
   function el(name, attrs, parent) {
     var node = document.createElementNS(SVG, name);
     for (var key in attrs) node.setAttribute(key, attrs[key]);
@@ -173,7 +181,7 @@
     if ([1006, 1011, 1012, 1013].indexOf(code) >= 0) return this.tick(); // htmx retries these
     // Anything else (the server restarted, a proxy closed the socket): reconnect here,
     // with exponential backoff and jitter, keeping everything on screen.
-    var delay = Math.min(30000, 1000 * Math.pow(2, this.retries)) * (0.5 + Math.random() / 2);
+    var delay = reconnectDelay(this.retries);
     this.retries += 1;
     setTimeout(function () {
       var old = self.root.querySelector(".lab-socket");
