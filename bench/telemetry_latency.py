@@ -10,7 +10,8 @@ the supervisor (its own thread and loop, as in its own process) on the Redis cha
 layer, and connects a viewer to the real ASGI application (``config.asgi``, the real
 consumer, a real session cookie) in this process: everything but the browser's TCP hop.
 Frame latency is measured on the sampled requests each frame carries (receive time minus
-the request's ``ts``); event latency on the policy changes it makes every 2 s. Needs
+the request's ``ts``); event latency on the policy changes it makes every 2 s (the `config` events the
+balancer writes; the changes run beside the viewer, never blocking its receiving). Needs
 Redis at REDIS_URL (default redis://127.0.0.1:6379/0).
 
 Target on the 2-core reference machine: p99 <= 300 ms.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import threading
@@ -87,7 +89,8 @@ def main() -> None:
         "target_p99_ms": TARGET_P99_MS,
     }
     p99 = result["p99_ms"]
-    result["ok"] = p99 is not None and p99 <= TARGET_P99_MS
+    # Both kinds must have been measured: a run that saw no event proves nothing about them.
+    result["ok"] = bool(frame_ms and event_ms) and p99 is not None and p99 <= TARGET_P99_MS
     print(json.dumps(result))
 
 
@@ -110,16 +113,19 @@ async def _watch(
         raise SystemExit("the viewer could not connect")
     await ws.receive_json_from(timeout=5)  # the snapshot
     frames = 0
-    policies = ["least-connections", "random", "round-robin"]
     started = time.monotonic()
-    next_change = started + 2.0
+
+    async def change_policy() -> None:
+        # Beside the viewer, not in its loop: an engine call (a Docker exec takes 100 ms or
+        # more) must not hold up receiving, or the wait would be counted as latency.
+        policies = ["least-connections", "random", "round-robin"]  # each differs from the last
+        control = sync_to_async(services.sandbox_control, thread_sensitive=False)
+        for changes in itertools.count():
+            await asyncio.sleep(2.0)
+            await control(sandbox=sandbox, control_id="policy", value=policies[changes % 3])
+
+    changer = asyncio.create_task(change_policy())
     while time.monotonic() - started < seconds:
-        if time.monotonic() >= next_change:
-            next_change += 2.0
-            policy = policies[int(time.monotonic()) % len(policies)]
-            await sync_to_async(services.sandbox_control)(
-                sandbox=sandbox, control_id="policy", value=policy
-            )
         try:
             text = await ws.receive_from(timeout=1)
         except TimeoutError:
@@ -131,8 +137,9 @@ async def _watch(
         if message.get("type") == "frame":
             frames += 1
             frame_ms.extend((now - s["ts"]) * 1000 for s in message["sample"])
-        elif message.get("type") == "event" and message.get("kind") == "policy":
+        elif message.get("type") == "event" and message.get("kind") == "config":
             event_ms.append((now - message["ts"]) * 1000)
+    changer.cancel()
     await ws.disconnect()
     return frames
 
