@@ -10,9 +10,9 @@ the supervisor (its own thread and loop, as in its own process) on the Redis cha
 layer, and connects a viewer to the real ASGI application (``config.asgi``, the real
 consumer, a real session cookie) in this process: everything but the browser's TCP hop.
 Frame latency is measured on the sampled requests each frame carries (receive time minus
-the request's ``ts``); event latency on the policy changes it makes every 2 s (the `config` events the
-balancer writes; the changes run beside the viewer, never blocking its receiving). Needs
-Redis at REDIS_URL (default redis://127.0.0.1:6379/0).
+the request's ``ts``); event latency on the policy changes it makes every 2 s (the
+``config`` events the balancer writes; the changes run beside the viewer and never hold
+up its receiving). Needs Redis at REDIS_URL (default redis://127.0.0.1:6379/0).
 
 Target on the 2-core reference machine: p99 <= 300 ms.
 """
