@@ -104,10 +104,10 @@ def test_the_history_has_a_point_per_second_and_is_bounded() -> None:
 def test_it_turns_state_lines_into_events_and_node_states() -> None:
     agg = aggregator()
     events = agg.ingest(
-        state("lb", T0 + 1, "ejected", target="replica-2", reason="failed 1 health check(s)")
+        state("lb", T0 + 1, "ejected", target="replica-2", reason="failed 1 health check")
     )
     assert [(e["type"], e["kind"], e["node"]) for e in events] == [("event", "ejected", "lb")]
-    assert events[0]["text"] == "lb ejected replica-2 (failed 1 health check(s))"
+    assert events[0]["text"] == "lb ejected replica-2 (failed 1 health check)"
     assert events[0]["data"]["target"] == "replica-2" and events[0]["ts"] == T0 + 1
     assert agg.frame(T0 + 2)["nodes"]["replica-2"]["state"] == "ejected"
 

@@ -675,7 +675,7 @@
     var times = log.querySelectorAll("time[data-ts]:not([data-local])");
     for (var i = 0; i < times.length; i++) {
       var when = new Date(Number(times[i].getAttribute("data-ts")) * 1000);
-      if (!isNaN(when)) times[i].textContent = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+      if (!isNaN(when)) times[i].textContent = clock(when.getTime() / 1000);
       times[i].setAttribute("data-local", "");
     }
   };

@@ -38,6 +38,10 @@ class Backend:
         self.in_flight = 0  # requests sent to it and not answered yet
 
 
+def _checks(n: int) -> str:
+    return f"{n} health check" if n == 1 else f"{n} health checks"
+
+
 def setup(node: Node) -> None:
     timeout_s = node.env_float("DISTLAB_LB_TIMEOUT_S", 1.0)  # how long to wait for a replica
     checks = node.env_json("DISTLAB_HEALTH_CHECK", {})  # health-check timings, pattern.yaml
@@ -120,12 +124,12 @@ def setup(node: Node) -> None:
         if problem is None:
             b.fails, b.passes = 0, b.passes + 1
             if not b.in_rotation and b.passes >= node.config["healthy_threshold"]:
-                admit(b, f"passed {b.passes} health check(s) in a row")
+                admit(b, f"passed {_checks(b.passes)} in a row")
         else:
             b.passes, b.fails = 0, b.fails + 1
             if b.in_rotation and b.fails >= node.config["unhealthy_threshold"]:
                 b.in_rotation = False
-                reason = f"failed {b.fails} health check(s) in a row, last: {problem}"
+                reason = f"failed {_checks(b.fails)} in a row, last: {problem}"
                 node.state("ejected", target=b.name, reason=reason)
 
     @node.task
