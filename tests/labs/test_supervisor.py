@@ -152,7 +152,10 @@ def test_it_streams_frames_and_events_survives_a_restart_and_lets_go(
         replicas = sum(frame["nodes"][f"replica-{i}"]["rps"] for i in (1, 2, 3))
         assert near(replicas, RPS), frame["nodes"]
         assert {n["state"] for n in frame["nodes"].values()} == {"up"}
-        assert frame["sample"] and len(frame["sample"]) <= 40
+        # Sampled calls for the moving dots: bounded per frame, and over the 2 s most of the
+        # traffic's calls (one frame may carry none when the node's output comes in a burst).
+        sampled = [len(f["sample"]) for f in frames]
+        assert max(sampled) <= 40 and sum(sampled) >= 2 * RPS, sampled
         assert frame["nodes"]["traffic"]["error_pct"] == 0.0
         with viewer.lock:  # each message also carries its JSON, encoded once for all viewers
             raw = [m for _, m in viewer.received]
