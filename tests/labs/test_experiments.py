@@ -376,7 +376,7 @@ def test_chapter_5_ships_the_two_experiments() -> None:
     for experiment in (kill, policy):
         assert experiment.duration_s <= 30  # short enough for a browser test
         assert experiment.prediction.kind == "choice"
-    assert [o.id for o in kill.prediction.options] == ["none", "under-1s", "1-5s", "longer"]
+    assert [o.id for o in kill.prediction.options] == ["none", "under-3s", "3-8s", "longer"]
     assert kill.check.measure == "error_duration"
     assert dict(kill.check.params) == {"from_step": "kill"}
     killing = kill.steps[1].actions[0]
@@ -410,7 +410,7 @@ CHOICE = load_pattern("replicated-lb").experiment(KILL).prediction  # type: igno
 
 @pytest.mark.parametrize(
     ("prediction", "raw", "expected"),
-    [(NUMBER, "2.5", 2.5), (NUMBER, " 2,5 ", 2.5), (NUMBER, 3, 3.0), (CHOICE, "1-5s", "1-5s")],
+    [(NUMBER, "2.5", 2.5), (NUMBER, " 2,5 ", 2.5), (NUMBER, 3, 3.0), (CHOICE, "3-8s", "3-8s")],
 )
 def test_good_predictions_are_normalised(prediction: Prediction, raw: Any, expected: Any) -> None:
     assert prediction.validate(raw) == expected
@@ -456,12 +456,12 @@ def test_choice_judges_take_the_first_rule_that_holds() -> None:
     judge = load_pattern("replicated-lb").experiment(KILL).check.judge  # type: ignore[union-attr]
     base = {"error_s": 0.0, "errors": 0.0, "calls": 500.0, "error_pct": 0.0, "ongoing": 0.0}
     assert judge.answer(base) == "none"
-    assert judge.answer(base | {"errors": 1.0}) == "under-1s"  # one error: a span of 0 s
-    assert judge.answer(base | {"errors": 9.0, "error_s": 0.62}) == "under-1s"
-    assert judge.answer(base | {"errors": 30.0, "error_s": 1.0}) == "1-5s"
-    assert judge.answer(base | {"errors": 90.0, "error_s": 5.5}) == "longer"
+    assert judge.answer(base | {"errors": 1.0}) == "under-3s"  # one error: a span of 0 s
+    assert judge.answer(base | {"errors": 9.0, "error_s": 2.62}) == "under-3s"
+    assert judge.answer(base | {"errors": 30.0, "error_s": 3.0}) == "3-8s"
+    assert judge.answer(base | {"errors": 90.0, "error_s": 8.0}) == "longer"
     assert judge.answer(base | {"errors": 9.0, "error_s": 0.5, "ongoing": 1.0}) == "longer"
-    assert judge.correct("under-1s", base | {"errors": 9.0, "error_s": 0.62})
+    assert judge.correct("under-3s", base | {"errors": 9.0, "error_s": 0.62})
     assert not judge.correct("none", base | {"errors": 9.0, "error_s": 0.62})
 
     policy = load_pattern("replicated-lb").experiment(POLICY).check.judge  # type: ignore[union-attr]
@@ -483,9 +483,9 @@ def test_the_explanation_uses_the_measured_figures_and_the_spec() -> None:
     assert experiment is not None
     measured = {"error_s": 0.437, "errors": 7.0, "calls": 500.0, "error_pct": 1.4, "ongoing": 0.0}
     verdict = experiments.judge(
-        experiment, "1-5s", measured, load_pattern("replicated-lb").spec_values()
+        experiment, "3-8s", measured, load_pattern("replicated-lb").spec_values()
     )
-    assert verdict.answer == "under-1s" and verdict.correct is False
+    assert verdict.answer == "under-3s" and verdict.correct is False
     assert verdict.explanation.startswith("Errors lasted 0.44 s, from the first failed request")
     assert "(7 of 500 requests, 1.4%)" in verdict.explanation
     assert "checks every 1 s, waits 0.5 s for an answer" in verdict.explanation
@@ -699,7 +699,7 @@ def sandbox(learner: User) -> Sandbox:
 
 
 def start(
-    user: User, sandbox: Sandbox, experiment: str = KILL, prediction: Any = "under-1s"
+    user: User, sandbox: Sandbox, experiment: str = KILL, prediction: Any = "under-3s"
 ) -> ExperimentRun:
     return experiments.experiment_start(
         user=user,
@@ -717,7 +717,7 @@ def test_it_starts_a_run_and_queues_its_first_step_and_a_watchdog(
     Sandbox.objects.filter(pk=sandbox.pk).update(controls={"rps": 35})
     with django_capture_on_commit_callbacks() as callbacks:
         run = experiments.experiment_start(
-            user=learner, sandbox_id=sandbox.hex, experiment_id=KILL, prediction="1-5s"
+            user=learner, sandbox_id=sandbox.hex, experiment_id=KILL, prediction="3-8s"
         )
     assert len(callbacks) == 2  # the first step, and the watchdog check
     run.refresh_from_db()
@@ -727,7 +727,7 @@ def test_it_starts_a_run_and_queues_its_first_step_and_a_watchdog(
         "replicated-lb",
         KILL,
     )
-    assert run.prediction == "1-5s" and run.state == ExperimentRun.State.RUNNING
+    assert run.prediction == "3-8s" and run.state == ExperimentRun.State.RUNNING
     assert run.timeline == [] and run.correct is None
     assert run.saved_controls["rps"] == 35 and run.saved_controls["policy"] == "round-robin"
 
@@ -790,7 +790,7 @@ def test_bad_predictions_and_experiments_are_refused(
 
 
 def finished_run(
-    learner: User, sandbox: Sandbox, *, ago: float = 30.0, prediction: str = "under-1s"
+    learner: User, sandbox: Sandbox, *, ago: float = 30.0, prediction: str = "under-3s"
 ) -> ExperimentRun:
     """A kill-replica run whose steps all ran, the last ending ``ago`` seconds ago."""
     run = start(learner, sandbox, KILL, prediction)
@@ -990,7 +990,7 @@ def test_the_fragment_lists_the_experiments_with_a_form_each(
     for experiment in (KILL, POLICY):
         assert f'data-testid="experiment-{experiment}"' in html
         assert f'data-testid="start-{experiment}"' in html
-    assert 'data-testid="prediction-kill-replica-under-1s"' in html
+    assert 'data-testid="prediction-kill-replica-under-3s"' in html
     assert 'hx-trigger="every 1s"' not in html  # nothing runs: no polling
     page = fragment(client_for(learner), sandbox)  # without htmx: a page of its own
     assert page.status_code == 200 and "<html" in page.content.decode()
@@ -999,15 +999,15 @@ def test_the_fragment_lists_the_experiments_with_a_form_each(
 @pytest.mark.django_db
 def test_starting_from_the_form_shows_the_run_and_polls(learner: User, sandbox: Sandbox) -> None:
     client = client_for(learner)
-    response = post_start(client, sandbox, KILL, {"prediction": "under-1s"})
+    response = post_start(client, sandbox, KILL, {"prediction": "under-3s"})
     assert response.status_code == 200
     html = response.content.decode()
     assert 'data-testid="run-status" data-state="running"' in html
     assert 'hx-trigger="every 1s"' in html
-    assert "Less than a second" in html  # the prediction, recalled
+    assert "Less than 3 seconds" in html  # the prediction, recalled
     assert "Another experiment is running." in html
     run = ExperimentRun.objects.get()
-    assert (run.user, run.experiment, run.prediction) == (learner, KILL, "under-1s")
+    assert (run.user, run.experiment, run.prediction) == (learner, KILL, "under-3s")
 
     # A step ran: the fragment shows it and counts down.
     ExperimentRun.objects.filter(pk=run.pk).update(timeline=[time.time() - 1.0])
@@ -1025,14 +1025,14 @@ def test_starting_from_the_form_shows_the_run_and_polls(learner: User, sandbox: 
 def test_a_checked_result_shows_prediction_outcome_figures_and_explanation(
     learner: User, sandbox: Sandbox
 ) -> None:
-    run = finished_run(learner, sandbox, prediction="1-5s")
+    run = finished_run(learner, sandbox, prediction="3-8s")
     kill_at = run.timeline[1]
     store_history(sandbox, run, errors=(kill_at + 0.2, kill_at + 0.6))
     experiments.experiment_check(run_id=run.pk)
     html = fragment(client_for(learner), sandbox, HTTP_HX_REQUEST="true").content.decode()
     assert 'data-testid="run-result" data-correct="false"' in html
-    assert 'data-testid="run-prediction">From 1 to 5 seconds<' in html
-    assert 'data-testid="run-answer">Less than a second<' in html
+    assert 'data-testid="run-prediction">From 3 to 8 seconds<' in html
+    assert 'data-testid="run-answer">Less than 3 seconds<' in html
     assert (
         '<th scope="row">Errors lasted (first to last failed request)</th><td>0.40 s</td>' in html
     )
@@ -1054,11 +1054,11 @@ def test_bad_form_data_keeps_the_input_and_says_why(learner: User, sandbox: Sand
     start(learner, sandbox, POLICY, "same")
     ExperimentRun.objects.update(state=ExperimentRun.State.CHECKED)
     start(learner, sandbox, POLICY, "same")
-    response = post_start(client, sandbox, KILL, {"prediction": "1-5s"}, htmx=False)
+    response = post_start(client, sandbox, KILL, {"prediction": "3-8s"}, htmx=False)
     assert response.status_code == 422  # without JavaScript: the page, with the error
     html = response.content.decode()
     assert "is still running on this sandbox" in html
-    assert 'value="1-5s" checked' in html
+    assert 'value="3-8s" checked' in html
     assert ExperimentRun.objects.filter(experiment=KILL).count() == 0
 
 
@@ -1186,7 +1186,7 @@ def test_the_kill_replica_experiment_end_to_end(
     runs = []
     for _ in range(3):
         started = experiments.experiment_start(
-            user=learner, sandbox_id=sandbox.hex, experiment_id=KILL, prediction="under-1s"
+            user=learner, sandbox_id=sandbox.hex, experiment_id=KILL, prediction="under-3s"
         )
 
         def finished(run_id: int = started.pk) -> ExperimentRun | None:
@@ -1212,7 +1212,7 @@ def test_the_kill_replica_experiment_end_to_end(
     assert 0 < error_s < 3.0, [r.measured for r in runs]
     assert run.measured["error_pct"] < 20
     assert f"Errors lasted {error_s:.2f} s" in run.explanation
-    assert run.correct == (error_s < 1.0)
+    assert run.correct == (error_s < 3.0)
     # What the steps did: one kill fault per run, and the learner's settings put back.
     kills = wait_for(unlocked(lambda: Fault.objects.filter(kind="kill").count()), timeout=5)
     assert kills == len(runs)
