@@ -68,7 +68,9 @@ INTERRUPTED = (
     "The experiment stopped half-way: the server's background worker was interrupted. Run it again."
 )
 GONE = "This experiment is no longer part of the {pattern} pattern."
-CANCELLED_BY_LEARNER = "You cancelled the experiment."
+CANCELLED_BY_LEARNER = (
+    "You cancelled the experiment: whatever it changed on your sandbox is put back."
+)
 CANCELLED_BY_STOP = "The sandbox was stopped during the experiment, which was cancelled."
 CANCELLED_BY_EXPIRY = "The sandbox expired during the experiment, which was cancelled."
 
@@ -159,8 +161,9 @@ def experiment_start(
 
 
 def experiment_cancel(*, user: User, sandbox_id: str | uuid.UUID) -> ExperimentRun:
-    """The owner cancels the experiment running on their sandbox. Faults it injected end
-    at their own time; the controls its steps would have put back are put back now."""
+    """The owner cancels the experiment running on their sandbox: the faults its steps
+    injected are reverted and the controls its steps would have put back are put back,
+    now, so the sandbox is as it was before the run."""
     sandbox = selectors.sandbox_get_for_user(user=user, sandbox_id=sandbox_id)
     if sandbox.owner_id != user.pk:
         raise PermissionDenied(NOT_OWNER)
@@ -173,6 +176,11 @@ def experiment_cancel(*, user: User, sandbox_id: str | uuid.UUID) -> ExperimentR
         if run is None:
             raise ExperimentError(NOTHING_TO_CANCEL)
         _finish(run, ExperimentRun.State.CANCELLED, error=CANCELLED_BY_LEARNER)
+    for fault_id in run.faults:
+        try:
+            services.fault_revert(fault_id=fault_id)  # idempotent: one already over stays so
+        except (services.SandboxError, EngineError) as exc:
+            log.info("could not revert fault %s: %s", fault_id, exc)
     _put_back(run, sandbox)
     return run
 
@@ -250,14 +258,14 @@ def experiment_step(*, run_id: int, index: int) -> ExperimentRun | None:
             return run
         run.timeline = [*run.timeline, round(time.time(), 4)]
         run.step_index = index
-        run.save(update_fields=["timeline", "step_index"])
+        run.save(update_fields=["timeline", "step_index", "faults"])
         _queue_after(run, experiment, index)
     return run
 
 
 def _apply(action: Action, run: ExperimentRun, sandbox: Sandbox) -> None:
     if action.kind == "fault":
-        services.fault_inject(
+        fault = services.fault_inject(
             sandbox=sandbox,
             node_name=action.node,
             kind=action.fault,
@@ -265,6 +273,7 @@ def _apply(action: Action, run: ExperimentRun, sandbox: Sandbox) -> None:
             params=dict(action.params),
             user=run.user,
         )
+        run.faults = [*run.faults, fault.pk]
         return
     if action.restore:
         if action.control not in run.saved_controls:

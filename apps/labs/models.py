@@ -147,7 +147,9 @@ class ExperimentRun(models.Model):
     ``explanation`` are set), or until it ``failed`` (``error`` says why, for the learner)
     or was ``cancelled``. At most one run per sandbox is running. ``timeline`` holds when
     each step actually started (Unix seconds), ``saved_controls`` the live controls' values
-    when the run started (for actions that put them back). Services: ``labs.experiments``.
+    when the run started (for actions that put them back), ``faults`` the pks of the faults
+    its steps injected (reverted at once if the learner cancels). Services:
+    ``labs.experiments``.
     """
 
     class State(models.TextChoices):
@@ -169,6 +171,7 @@ class ExperimentRun(models.Model):
     step_index = models.PositiveIntegerField(default=0)
     timeline = models.JSONField(default=list, blank=True)
     saved_controls = models.JSONField(default=dict, blank=True)
+    faults = models.JSONField(default=list, blank=True)
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)
     measured = models.JSONField(default=dict, blank=True)

@@ -889,7 +889,7 @@ def test_the_owner_can_cancel(learner: User, sandbox: Sandbox) -> None:
     experiments.experiment_cancel(user=learner, sandbox_id=sandbox.hex)  # no step ran yet
     run.refresh_from_db()
     assert (
-        run.state == ExperimentRun.State.CANCELLED and run.error == "You cancelled the experiment."
+        run.state == ExperimentRun.State.CANCELLED and run.error == experiments.CANCELLED_BY_LEARNER
     )
 
 
@@ -1223,3 +1223,40 @@ def test_the_kill_replica_experiment_end_to_end(
         timeout=20,
         what="the kill reverted",
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_reverts_the_faults_the_run_injected_and_only_those(
+    learner: User, local_engine: Engine, embedded_celery: Celery
+) -> None:
+    created = services.sandbox_launch(user=learner, pattern_id="replicated-lb", enqueue=False)
+    sandbox = services.sandbox_start(sandbox_id=created.hex)
+    own = services.fault_inject(  # the learner's own fault, not the run's
+        sandbox=sandbox, node_name="replica-3", kind="latency", duration=120, enqueue=False
+    )
+    started = experiments.experiment_start(
+        user=learner, sandbox_id=sandbox.hex, experiment_id=KILL, prediction="under-3s"
+    )
+
+    def states() -> dict[str, str]:
+        return {node.name: node.state for node in local_engine.status(sandbox.hex)}
+
+    wait_for(
+        unlocked(lambda: len(ExperimentRun.objects.get(pk=started.pk).timeline) == 2),
+        timeout=15,
+        what="the kill step",
+    )
+    kill = Fault.objects.get(kind="kill")
+    assert ExperimentRun.objects.get(pk=started.pk).faults == [kill.pk]
+    assert states()["replica-2"] != "running"
+
+    run = experiments.experiment_cancel(user=learner, sandbox_id=sandbox.hex)
+
+    assert run.state == ExperimentRun.State.CANCELLED
+    kill.refresh_from_db()
+    own.refresh_from_db()
+    assert kill.reverted_at is not None  # at once, not in 8 s
+    assert own.reverted_at is None
+    wait_for(lambda: states()["replica-2"] == "running", timeout=10, what="replica-2 back")
+    traffic = local_engine.control(sandbox.hex, "traffic", {"op": "state"})["config"]
+    assert traffic["rps"] == 20  # the learner's setting, put back
