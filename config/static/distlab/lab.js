@@ -553,7 +553,10 @@
     var self = this;
     var axes = function (unit) {
       return [
+        // Time ticks (seconds). uPlot's own steps jump from 1 to 5 minutes, which leaves a
+        // narrow chart of a few minutes with no tick inside it at all: 2 minutes fills that.
         { stroke: text, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, space: 70,
+          incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600],
           values: function (u, vals) { return vals.map(clock); } },
         { stroke: text, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, size: 48,
           values: function (u, vals) { return vals.map(function (v) { return v + unit; }); } },
