@@ -67,7 +67,8 @@ class Param:
     """One parameter of a measure. ``kind``: ``step`` (a step id of the experiment),
     ``node`` (a node the pattern may have, e.g. ``replica-3``), ``role`` (a replicated
     role), ``number`` (from ``low`` to ``high``), ``phases`` (a mapping of phase names,
-    lower-case words, to step ids)."""
+    lower-case words, to step ids), ``gauge`` (a declared gauge), ``event`` (a declared
+    event or one the platform writes), ``link`` (``src>dst``, two nodes)."""
 
     kind: str
     required: bool = True
@@ -290,6 +291,165 @@ def _share_by_node(
     return out
 
 
+def _series_label(params: Mapping[str, Any]) -> str:
+    link = params.get("link")
+    return f"on {link.replace('>', ' → ')}" if link else "users saw"
+
+
+def _phase_stats_outputs(params: Mapping[str, Any]) -> dict[str, Output]:
+    where = _series_label(params)
+    out: dict[str, Output] = {}
+    for phase in params.get("phases", {}):
+        shown = phase.replace("_", " ")
+        out |= {
+            f"{phase}_rps": Output(f"Requests per second {where}, {shown}", "", 1),
+            f"{phase}_requests": Output(f"Requests {where}, {shown}"),
+            f"{phase}_error_pct": Output(f"Share that failed {where}, {shown}", "%", 1),
+            f"{phase}_p50_ms": Output(f"p50 latency {where}, {shown}", "ms", 0),
+            f"{phase}_p99_ms": Output(f"p99 latency {where}, {shown}", "ms", 0),
+        }
+    return out
+
+
+def _series(point: Mapping[str, Any], link: str | None) -> Mapping[str, Any]:
+    if not link:
+        return _totals(point)
+    links = point.get("links")
+    entry = links.get(link) if isinstance(links, Mapping) else None
+    return entry if isinstance(entry, Mapping) else {}
+
+
+def _phase_stats(
+    history: Sequence[Mapping[str, Any]], timeline: Timeline, params: Mapping[str, Any]
+) -> dict[str, float]:
+    """Per phase (a step): the rate, errors and latency (p50, p99) of what users saw, or of
+    one link's calls (``link: src>dst``). Skips each phase's first ``skip_s`` seconds and
+    counts whole seconds only."""
+    link = params.get("link")
+    skip = float(params.get("skip_s", 1.0))
+    out: dict[str, float] = {}
+    for phase, step in params["phases"].items():
+        start, end = timeline.window(step)
+        if math.floor(end) - math.ceil(start + skip) < 1:
+            raise MeasureError(PHASE_TOO_SHORT.format(window=step, skip=skip))
+        points = points_between(history, start + skip, end, whole=True)
+        series = [_series(p, link) for p in points]
+        calls = sum(_count(entry) for entry in series)
+        errors = sum(int(entry.get("errors") or 0) for entry in series)
+        if calls == 0:
+            raise MeasureError(NO_TRAFFIC.format(window=step))
+        histogram = merge_histograms([{"totals": entry} for entry in series])
+        out |= {
+            f"{phase}_rps": round(calls / max(1, len(points)), 2),
+            f"{phase}_requests": float(calls),
+            f"{phase}_error_pct": round(100.0 * errors / calls, 2),
+            f"{phase}_p50_ms": histogram_percentile(histogram, 0.50) or 0.0,
+            f"{phase}_p99_ms": histogram_percentile(histogram, 0.99) or 0.0,
+        }
+    return out
+
+
+NO_GAUGE = "{node} reported no {gauge} during “{window}”: was it running?"
+
+
+def _gauge_values(
+    history: Sequence[Mapping[str, Any]], timeline: Timeline, params: Mapping[str, Any]
+) -> list[tuple[float, float]]:
+    start, end = timeline.window(params["from_step"], params.get("to_step"))
+    points = points_between(history, start, end, whole=False)
+    values: list[tuple[float, float]] = []
+    for point in points:
+        nodes = point.get("nodes")
+        entry = nodes.get(params["node"]) if isinstance(nodes, Mapping) else None
+        gauges = entry.get("gauges") if isinstance(entry, Mapping) else None
+        value = gauges.get(params["gauge"]) if isinstance(gauges, Mapping) else None
+        if isinstance(value, int | float):
+            values.append((float(point["ts"]), float(value)))
+    if not values:
+        raise MeasureError(
+            NO_GAUGE.format(node=params["node"], gauge=params["gauge"], window=params["from_step"])
+        )
+    return values
+
+
+def _gauge_stats_outputs(params: Mapping[str, Any]) -> dict[str, Output]:
+    what = f"{params.get('node', 'the node')}'s {params.get('gauge', 'gauge')}"
+    return {
+        "first": Output(f"{what} at the start"),
+        "last": Output(f"{what} at the end"),
+        "min": Output(f"Lowest {what}"),
+        "max": Output(f"Highest {what}"),
+        "mean": Output(f"Average {what}", "", 1),
+        "rise_per_s": Output(f"How fast {what} rose (per second, start to peak)", "", 1),
+    }
+
+
+def _gauge_stats(
+    history: Sequence[Mapping[str, Any]], timeline: Timeline, params: Mapping[str, Any]
+) -> dict[str, float]:
+    """A gauge of one node over a window of steps: first, last, min, max, mean, and how
+    fast it rose from the start to its peak (per second)."""
+    values = _gauge_values(history, timeline, params)
+    numbers = [v for _, v in values]
+    peak_at = max(range(len(values)), key=lambda i: (values[i][1], -i))
+    span = values[peak_at][0] - values[0][0]
+    rise = (values[peak_at][1] - values[0][1]) / span if span > 0 else 0.0
+    return {
+        "first": numbers[0],
+        "last": numbers[-1],
+        "min": min(numbers),
+        "max": max(numbers),
+        "mean": round(sum(numbers) / len(numbers), 3),
+        "rise_per_s": round(rise, 3),
+    }
+
+
+def _gauge_until_outputs(params: Mapping[str, Any]) -> dict[str, Output]:
+    what = f"{params.get('node', 'the node')}'s {params.get('gauge', 'gauge')}"
+    return {
+        "until_s": Output(f"Time until {what} got there", "s", 0),
+        "reached": Output("Got there (1 = yes)"),
+    }
+
+
+def _gauge_until(
+    history: Sequence[Mapping[str, Any]], timeline: Timeline, params: Mapping[str, Any]
+) -> dict[str, float]:
+    """Seconds from the window's start until a gauge was at most ``at_most`` (or at least
+    ``at_least``), to the second; the whole window and ``reached`` 0 when it never was."""
+    start, end = timeline.window(params["from_step"], params.get("to_step"))
+    for ts, value in _gauge_values(history, timeline, params):
+        low, high = params.get("at_least"), params.get("at_most")
+        if (high is not None and value <= high) or (low is not None and value >= low):
+            return {"until_s": round(max(0.0, ts - start), 3), "reached": 1.0}
+    return {"until_s": round(end - start, 3), "reached": 0.0}
+
+
+def _event_count_outputs(params: Mapping[str, Any]) -> dict[str, Output]:
+    return {"count": Output(f"“{params.get('event', 'event')}” events")}
+
+
+def _event_count(
+    history: Sequence[Mapping[str, Any]], timeline: Timeline, params: Mapping[str, Any]
+) -> dict[str, float]:
+    """How many events of one kind (a pattern's declared event, or the platform's, such
+    as ``down``) the event log got during a window of steps (to the second)."""
+    start, end = timeline.window(params["from_step"], params.get("to_step"))
+    points = points_between(history, start, end, whole=False)
+    total = 0
+    for point in points:
+        events = point.get("events")
+        if isinstance(events, Mapping):
+            total += int(events.get(params["event"]) or 0)
+    return {"count": float(total)}
+
+
+WINDOW_PARAMS = {
+    "from_step": Param("step", help="the window starts when this step starts"),
+    "to_step": Param("step", required=False, help="…and ends when this one ends (from_step)"),
+}
+
+
 MEASURES: dict[str, Measure] = {
     m.name: m
     for m in (
@@ -321,6 +481,54 @@ MEASURES: dict[str, Measure] = {
             },
             outputs=_phase_outputs,
             compute=_share_by_node,
+        ),
+        Measure(
+            name="phase_stats",
+            summary="Per phase, the rate, errors and latency (p50, p99) users saw, or one link's.",
+            params={
+                "phases": Param("phases", help="phase name → step id"),
+                "link": Param("link", required=False, help="a link's calls (src>dst)"),
+                "skip_s": Param(
+                    "number", required=False, default=1.0, low=0, high=60, help="settling time"
+                ),
+            },
+            outputs=_phase_stats_outputs,
+            compute=_phase_stats,
+        ),
+        Measure(
+            name="gauge_stats",
+            summary="A node's gauge over a window: first, last, lowest, highest, average, "
+            "how fast it rose.",
+            params={
+                "node": Param("node", help="the node that reports the gauge"),
+                "gauge": Param("gauge", help="a gauge the pattern declares"),
+                **WINDOW_PARAMS,
+            },
+            outputs=_gauge_stats_outputs,
+            compute=_gauge_stats,
+        ),
+        Measure(
+            name="gauge_until",
+            summary="Seconds until a node's gauge was at most (or at least) a value.",
+            params={
+                "node": Param("node", help="the node that reports the gauge"),
+                "gauge": Param("gauge", help="a gauge the pattern declares"),
+                "at_most": Param("number", required=False, low=-1e9, high=1e9),
+                "at_least": Param("number", required=False, low=-1e9, high=1e9),
+                **WINDOW_PARAMS,
+            },
+            outputs=_gauge_until_outputs,
+            compute=_gauge_until,
+        ),
+        Measure(
+            name="event_count",
+            summary="How many events of one kind the event log got during a window.",
+            params={
+                "event": Param("event", help="an event id (declared, or the platform's)"),
+                **WINDOW_PARAMS,
+            },
+            outputs=_event_count_outputs,
+            compute=_event_count,
         ),
     )
 }

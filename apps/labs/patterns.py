@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -27,8 +28,11 @@ import yaml
 
 from apps.labs.measures import MEASURES, Output, TemplateError, safe_format, template_fields
 from sandboxes.runtime.faults import ENGINE_KINDS, RUNTIME_KINDS
+from sandboxes.runtime.telemetry import RUNTIME_EVENTS
 
 PATTERNS_ROOT = Path(__file__).resolve().parent.parent.parent / "sandboxes" / "patterns"
+# Programs several patterns share (the traffic generator), used when a pattern's own
+# folder has no file of that name: ``sandboxes/programs/`` beside ``patterns/``.
 SPEC_FILE = "pattern.yaml"
 
 FAULT_KINDS = (*ENGINE_KINDS, *RUNTIME_KINDS)  # kill, pause, restart, latency, errors, …
@@ -50,11 +54,33 @@ RESERVED_ENV = frozenset(
         "DISTLAB_PEERS",
         "DISTLAB_CONTROL",
         "DISTLAB_TRAFFIC",
-        "DISTLAB_HEALTH_CHECK",
+        "DISTLAB_PARAMS",
     }
 )
 TRAFFIC_ENV = "DISTLAB_TRAFFIC"  # the traffic profile, as JSON, for the traffic node
-HEALTH_CHECK_ENV = "DISTLAB_HEALTH_CHECK"  # the health-check timings, as JSON
+PARAMS_ENV = "DISTLAB_PARAMS"  # the pattern's params, as JSON, for every node
+SEVERITIES = ("info", "warning", "error")
+# A node's state in frames besides marks: a mark may not take one of these names.
+NODE_STATES = ("up", "killed", "paused", "partitioned")
+# Events the platform itself logs (engine status, faults, the runtime's own), which an
+# experiment may count besides a pattern's declared ones.
+PLATFORM_EVENTS = (
+    "started",
+    "stopped",
+    "failed",
+    "config",
+    "task_failed",
+    "fault",
+    "fault_cleared",
+    "down",
+    "up",
+    "paused",
+    "resumed",
+    "added",
+    "removed",
+    "set",
+)
+MAX_TABLE_COLUMNS = 8
 
 PATTERN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
@@ -139,6 +165,7 @@ class Link:
     target: str
     label: str = ""
     kind: str = "request"  # "probe": health checks and the like, drawn dashed
+    route: str = ""  # a probe's route (its calls count only as probes), "/health" by default
 
 
 @dataclass(frozen=True)
@@ -159,8 +186,9 @@ class Layout:
 @dataclass(frozen=True)
 class RequestKind:
     method: str
-    path: str
+    path: str  # ``{key}`` is replaced by a key from the key space
     weight: float
+    target: str = ""  # the profile's target when empty
 
 
 @dataclass(frozen=True)
@@ -189,7 +217,10 @@ class Traffic:
                 "rps": self.rps,
                 "timeout_s": self.timeout_s,
                 "max_in_flight": self.max_in_flight,
-                "mix": [{"method": m.method, "path": m.path, "weight": m.weight} for m in self.mix],
+                "mix": [
+                    {"method": m.method, "path": m.path, "weight": m.weight, "target": m.target}
+                    for m in self.mix
+                ],
                 "keys": {
                     "count": self.keys.count,
                     "distribution": self.keys.distribution,
@@ -201,27 +232,93 @@ class Traffic:
 
 
 @dataclass(frozen=True)
-class HealthCheck:
-    """Health-check timings, handed to ``node`` as JSON in ``DISTLAB_HEALTH_CHECK``."""
+class EventDef:
+    """A program event (``node.event(id, …)``): its text for the event log is ``text``
+    filled with ``node`` (the writer) and the event's fields."""
 
-    node: str
-    path: str
-    interval_s: float
-    timeout_s: float
-    unhealthy_threshold: int
-    healthy_threshold: int
+    id: str
+    text: str
+    severity: str = "info"
 
-    def as_json(self) -> str:
-        return json.dumps(
-            {
-                "path": self.path,
-                "interval_s": self.interval_s,
-                "timeout_s": self.timeout_s,
-                "unhealthy_threshold": self.unhealthy_threshold,
-                "healthy_threshold": self.healthy_threshold,
-            },
-            separators=(",", ":"),
-        )
+
+@dataclass(frozen=True)
+class MarkDef:
+    """A state one node puts on another: set by the events ``set_by`` and cleared by
+    ``cleared_by`` (each naming the marked node in its ``target`` field)."""
+
+    id: str
+    label: str
+    set_by: tuple[str, ...]
+    cleared_by: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GaugeDef:
+    id: str
+    label: str
+    unit: str
+    nodes: tuple[str, ...]  # node names or roles that report it
+
+
+@dataclass(frozen=True)
+class StateDef:
+    id: str
+    label: str
+    values: tuple[str, ...]
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ColumnDef:
+    id: str
+    label: str
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class TableDef:
+    id: str
+    label: str
+    node: str  # a node name or a role
+    columns: tuple[ColumnDef, ...]
+
+
+@dataclass(frozen=True)
+class Observe:
+    """What a pattern's nodes report besides requests: ``observe`` in the spec."""
+
+    events: tuple[EventDef, ...] = ()
+    marks: tuple[MarkDef, ...] = ()
+    gauges: tuple[GaugeDef, ...] = ()
+    states: tuple[StateDef, ...] = ()
+    tables: tuple[TableDef, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for the aggregator and the browser (JSON-serialisable)."""
+        return {
+            "events": {e.id: {"text": e.text, "severity": e.severity} for e in self.events},
+            "marks": [
+                {"id": m.id, "label": m.label, "set_by": m.set_by, "cleared_by": m.cleared_by}
+                for m in self.marks
+            ],
+            "gauges": [
+                {"id": g.id, "label": g.label, "unit": g.unit, "nodes": g.nodes}
+                for g in self.gauges
+            ],
+            "states": [
+                {"id": x.id, "label": x.label, "values": x.values, "nodes": x.nodes}
+                for x in self.states
+            ],
+            "tables": [
+                {
+                    "id": t.id,
+                    "label": t.label,
+                    "node": t.node,
+                    "columns": [{"id": c.id, "label": c.label, "unit": c.unit} for c in t.columns],
+                }
+                for t in self.tables
+            ],
+        }
 
 
 @dataclass(frozen=True)
@@ -496,8 +593,10 @@ class Pattern:
     layout: Layout
     faults: tuple[str, ...]
     controls: tuple[Control, ...]
-    traffic: Traffic | None = None
-    health_check: HealthCheck | None = None
+    traffic: tuple[Traffic, ...] = ()
+    users: tuple[str, ...] = ()  # single nodes or roles whose calls are what users see
+    params: Mapping[str, Any] = field(default_factory=dict)
+    observe: Observe = Observe()
     experiments: tuple[Experiment, ...] = ()
     _by_instance_role: Mapping[str, NodeDef] = field(default_factory=dict, repr=False)
 
@@ -560,23 +659,47 @@ class Pattern:
     def experiment(self, experiment_id: str) -> Experiment | None:
         return next((e for e in self.experiments if e.id == experiment_id), None)
 
-    def spec_values(self) -> dict[str, float]:
-        """Values from the spec an explanation template may use, by dotted name."""
-        values: dict[str, float] = {}
-        if self.health_check is not None:
-            for name in ("interval_s", "timeout_s", "unhealthy_threshold", "healthy_threshold"):
-                values[f"health_check.{name}"] = getattr(self.health_check, name)
-        if self.traffic is not None:
-            values["traffic.rps"] = self.traffic.rps
-            values["traffic.timeout_s"] = self.traffic.timeout_s
+    def spec_values(self) -> dict[str, Any]:
+        """Values from the spec an explanation template may use, by dotted name: every
+        ``params.<name>``, and ``traffic.rps`` / ``traffic.timeout_s`` of the first
+        traffic profile (``traffic.<node>.rps`` … of each)."""
+        values: dict[str, Any] = {f"params.{k}": v for k, v in self.params.items()}
+        for index, profile in enumerate(self.traffic):
+            prefixes = [f"traffic.{profile.node}"] + (["traffic"] if index == 0 else [])
+            for prefix in prefixes:
+                values[f"{prefix}.rps"] = profile.rps
+                values[f"{prefix}.timeout_s"] = profile.timeout_s
         return values
+
+    def user_nodes(self, names: Sequence[str]) -> list[str]:
+        """Which of ``names`` (running nodes) make what users see (``users:``)."""
+        return [n for n in names if n in self.users or _role_of(self, n) in self.users]
+
+    def probes(self) -> list[dict[str, str]]:
+        """The probe links as ``{"from", "to", "route"}`` (roles stand for every instance)."""
+        return [
+            {"from": link.source, "to": link.target, "route": link.route or "/health"}
+            for link in self.links
+            if link.kind == "probe"
+        ]
+
+    def telemetry_spec(self) -> dict[str, Any]:
+        """What the aggregator needs to know of this pattern (plain data): roles of the
+        replicated entries, users, probes and ``observe``."""
+        return {
+            "roles": sorted(d.role for d in self.nodes if d.replicated),
+            "users": list(self.users),
+            "probes": self.probes(),
+            "observe": self.observe.as_dict(),
+        }
 
     def _env(self, node_def: NodeDef) -> dict[str, str]:
         env = dict(node_def.env)
-        if self.traffic is not None and self.traffic.node == node_def.name:
-            env[TRAFFIC_ENV] = self.traffic.as_json()
-        if self.health_check is not None and self.health_check.node == node_def.name:
-            env[HEALTH_CHECK_ENV] = self.health_check.as_json()
+        for profile in self.traffic:
+            if profile.node == node_def.name:
+                env[TRAFFIC_ENV] = profile.as_json()
+        if self.params:
+            env[PARAMS_ENV] = json.dumps(dict(self.params), separators=(",", ":"))
         return env
 
 
@@ -594,18 +717,63 @@ def pattern_ids(root: Path = PATTERNS_ROOT) -> list[str]:
 
 def load_pattern(pattern_id: str, root: Path = PATTERNS_ROOT) -> Pattern:
     """Load and validate one pattern. Raises PatternNotFound (message UNKNOWN_PATTERN) or
-    PatternError (``file:line: problem``)."""
+    PatternError (``file:line: problem``). Cached until the spec file changes."""
     if not isinstance(pattern_id, str) or not PATTERN_ID_RE.match(pattern_id):
         raise PatternNotFound(UNKNOWN_PATTERN.format(pattern_id=pattern_id))
+    path = root / pattern_id / SPEC_FILE
+    try:
+        stat = path.stat()
+    except OSError:
+        raise PatternNotFound(UNKNOWN_PATTERN.format(pattern_id=pattern_id)) from None
+    return _load(pattern_id, root, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _load(pattern_id: str, root: Path, mtime_ns: int, size: int) -> Pattern:
     folder = root / pattern_id
     path = folder / SPEC_FILE
-    if not path.is_file():
-        raise PatternNotFound(UNKNOWN_PATTERN.format(pattern_id=pattern_id))
     spec = _Spec(path)
     return spec.build(pattern_id, folder, _read(spec, path.read_text(encoding="utf-8")))
 
 
 # ---- YAML with line numbers ------------------------------------------------------------
+
+
+def program_path(pattern: Pattern, program: str) -> Path:
+    """Where a node's program is: the pattern's folder, else the shared programs."""
+    own = pattern.folder / program
+    return own if own.is_file() else pattern.folder.parent.parent / "programs" / program
+
+
+def pattern_problems(root: Path = PATTERNS_ROOT) -> list[tuple[Path, int, str]]:
+    """What is wrong with the patterns, as ``(file, line, message)``: a spec that does not
+    load, and a declared gauge, state or table that no program of the nodes it names ever
+    reports (its id never appears as a string in their source)."""
+    problems: list[tuple[Path, int, str]] = []
+    for pattern_id in pattern_ids(root):
+        try:
+            pattern = load_pattern(pattern_id, root)
+        except PatternError as exc:
+            where, _, message = str(exc).partition(": ")
+            line = int(where.rsplit(":", 1)[-1]) if where.rsplit(":", 1)[-1].isdigit() else 1
+            problems.append((root / pattern_id / SPEC_FILE, line, message or str(exc)))
+            continue
+        declared = [("gauge", g.id, g.nodes, "node.gauge") for g in pattern.observe.gauges]
+        declared += [("state", x.id, x.nodes, "node.set_state") for x in pattern.observe.states]
+        declared += [("table", t.id, (t.node,), "node.table") for t in pattern.observe.tables]
+        for kind, id_, refs, call in declared:
+            programs = {d.program for d in pattern.nodes if d.name in refs or d.role in refs}
+            sources = [program_path(pattern, p).read_text(encoding="utf-8") for p in programs]
+            if not any(f'"{id_}"' in text or f"'{id_}'" in text for text in sources):
+                problems.append(
+                    (
+                        root / pattern_id / SPEC_FILE,
+                        1,
+                        f"observe: the {kind} {id_!r} is declared but never reported: no "
+                        f"{call}({id_!r}, …) in {', '.join(sorted(programs))}",
+                    )
+                )
+    return problems
 
 
 class _Map(dict[str, Any]):
@@ -766,8 +934,10 @@ class _Spec:
                 "summary",
                 "links",
                 "layout",
+                "users",
                 "traffic",
-                "health_check",
+                "params",
+                "observe",
                 "faults",
                 "controls",
                 "experiments",
@@ -782,8 +952,10 @@ class _Spec:
         layout = self.layout(top, nodes) if "layout" in top else None
         if layout is None:
             layout = Layout("left-to-right", tuple((d.name,) for d in nodes))
-        traffic = self.traffic(top, by_name) if "traffic" in top else None
-        health_check = self.health_check(top, by_name) if "health_check" in top else None
+        traffic = self.traffic(top, by_name) if "traffic" in top else ()
+        users = self.node_refs(top, "users", "users", by_name) if "users" in top else ()
+        params = self.params(top) if "params" in top else {}
+        observe = self.observe(top, by_name) if "observe" in top else Observe()
         faults = self.faults(top) if "faults" in top else ()
         controls = self.controls(top, by_name, roles) if "controls" in top else ()
         pattern = Pattern(
@@ -797,7 +969,9 @@ class _Spec:
             faults=faults,
             controls=controls,
             traffic=traffic,
-            health_check=health_check,
+            users=users,
+            params=MappingProxyType(params),
+            observe=observe,
             _by_instance_role=MappingProxyType(roles),
         )
         if "experiments" in top:
@@ -816,7 +990,10 @@ class _Spec:
             self.keys(m, where, ["role", "program"], ["name", "count", "env"])
             role = self.text(m, "role", f"{where}.role", NAME_RE)
             program = self.text(m, "program", f"{where}.program", PROGRAM_RE)
-            if not (folder / program).is_file():
+            if (
+                not (folder / program).is_file()
+                and not (folder.parent.parent / "programs" / program).is_file()
+            ):
                 folder_shown = self.shown.rsplit("/", 1)[0] + "/"
                 self.fail(
                     self.line(m, "program"),
@@ -907,14 +1084,19 @@ class _Spec:
         for index in range(len(seq)):
             where = f"links[{index}]"
             m = self.item(seq, index, where)
-            self.keys(m, where, ["from", "to"], ["label", "kind"])
+            self.keys(m, where, ["from", "to"], ["label", "kind", "route"])
             source = self.endpoint(m, "from", f"{where}.from", by_name)
             target = self.endpoint(m, "to", f"{where}.to", by_name)
             if source == target:
                 self.fail(m.line, f"{where}: a node cannot link to itself")
             label = self.text(m, "label", f"{where}.label") if "label" in m else ""
             kind = self.choice(m, "kind", f"{where}.kind", LINK_KINDS, "request")
-            link = Link(source, target, label, kind)
+            route = ""
+            if "route" in m:
+                if kind != "probe":
+                    self.fail(self.line(m, "route"), f"{where}.route: only a probe link has one")
+                route = self.url_path(m, "route", f"{where}.route")
+            link = Link(source, target, label, kind, route)
             if any((x.source, x.target, x.kind) == (source, target, kind) for x in out):
                 self.fail(m.line, f"{where}: the same link is listed twice")
             out.append(link)
@@ -955,63 +1137,210 @@ class _Spec:
             self.fail(m.line, f"layout: node {missing[0]!r} is in no column")
         return Layout(direction, tuple(columns))
 
-    def traffic(self, top: _Map, by_name: Mapping[str, NodeDef]) -> Traffic:
-        m = self.mapping(top, "traffic", "traffic")
+    def traffic(self, top: _Map, by_name: Mapping[str, NodeDef]) -> tuple[Traffic, ...]:
+        """``traffic``: one profile, or a list of them (one per generating node)."""
+        if isinstance(top["traffic"], _Seq):
+            seq = self.sequence(top, "traffic", "traffic")
+            profiles = [
+                self.profile(self.item(seq, i, f"traffic[{i}]"), f"traffic[{i}]", by_name)
+                for i in range(len(seq))
+            ]
+        else:
+            profiles = [self.profile(self.mapping(top, "traffic", "traffic"), "traffic", by_name)]
+        seen: set[str] = set()
+        for profile in profiles:
+            if profile.node in seen:
+                self.fail(top.key_lines["traffic"], f"traffic: {profile.node!r} has two profiles")
+            seen.add(profile.node)
+        return tuple(profiles)
+
+    def profile(self, m: _Map, here: str, by_name: Mapping[str, NodeDef]) -> Traffic:
         optional = ["timeout_s", "max_in_flight", "mix", "keys"]
-        self.keys(m, "traffic", ["node", "target", "rps"], optional)
-        node = self.single(m, "node", "traffic.node", by_name)
-        target = self.endpoint(m, "target", "traffic.target", by_name)
-        rps = self.number(m, "rps", "traffic.rps", 0, MAX_RPS)
-        timeout_s = self.number_or(m, "timeout_s", "traffic.timeout_s", 0.01, 60, 2.0)
-        max_in_flight = self.integer_or(m, "max_in_flight", "traffic.max_in_flight", 1, 10_000, 200)
+        self.keys(m, here, ["node", "target", "rps"], optional)
+        node = self.single(m, "node", f"{here}.node", by_name)
+        target = self.endpoint(m, "target", f"{here}.target", by_name)
+        rps = self.number(m, "rps", f"{here}.rps", 0, MAX_RPS)
+        timeout_s = self.number_or(m, "timeout_s", f"{here}.timeout_s", 0.01, 60, 2.0)
+        max_in_flight = self.integer_or(m, "max_in_flight", f"{here}.max_in_flight", 1, 10_000, 200)
         mix: list[RequestKind] = []
         if "mix" in m:
-            seq = self.sequence(m, "mix", "traffic.mix")
+            seq = self.sequence(m, "mix", f"{here}.mix")
             for index in range(len(seq)):
-                where = f"traffic.mix[{index}]"
+                where = f"{here}.mix[{index}]"
                 item = self.item(seq, index, where)
-                self.keys(item, where, ["path"], ["method", "weight"])
-                path = self.text(item, "path", f"{where}.path")
-                if not path.startswith("/"):
-                    self.fail(self.line(item, "path"), f"{where}.path: must start with /")
+                self.keys(item, where, ["path"], ["method", "weight", "target"])
+                path = self.url_path(item, "path", f"{where}.path")
                 method = self.choice(item, "method", f"{where}.method", HTTP_METHODS, "GET")
                 weight = self.number_or(item, "weight", f"{where}.weight", 0, 1e6, 1.0)
-                mix.append(RequestKind(method, path, weight))
+                to = (
+                    self.endpoint(item, "target", f"{where}.target", by_name)
+                    if "target" in item
+                    else ""
+                )
+                mix.append(RequestKind(method, path, weight, to))
             if not mix or not any(r.weight > 0 for r in mix):
-                self.fail(seq.line, "traffic.mix: needs at least one request with a weight above 0")
+                self.fail(seq.line, f"{here}.mix: needs at least one request with a weight above 0")
         else:
             mix.append(RequestKind("GET", "/", 1.0))
         keys = KeySpace(100, "uniform", 1.1)
         if "keys" in m:
-            k = self.mapping(m, "keys", "traffic.keys")
-            self.keys(k, "traffic.keys", [], ["count", "distribution", "s"])
+            k = self.mapping(m, "keys", f"{here}.keys")
+            self.keys(k, f"{here}.keys", [], ["count", "distribution", "s"])
             keys = KeySpace(
-                self.integer_or(k, "count", "traffic.keys.count", 1, 1_000_000, 100),
+                self.integer_or(k, "count", f"{here}.keys.count", 1, 1_000_000, 100),
                 self.choice(
-                    k, "distribution", "traffic.keys.distribution", KEY_DISTRIBUTIONS, "uniform"
+                    k, "distribution", f"{here}.keys.distribution", KEY_DISTRIBUTIONS, "uniform"
                 ),
-                self.number_or(k, "s", "traffic.keys.s", 0.01, 10, 1.1),
+                self.number_or(k, "s", f"{here}.keys.s", 0.01, 10, 1.1),
             )
         return Traffic(node, target, rps, timeout_s, max_in_flight, tuple(mix), keys)
 
-    def health_check(self, top: _Map, by_name: Mapping[str, NodeDef]) -> HealthCheck:
-        m = self.mapping(top, "health_check", "health_check")
-        optional = ["path", "interval_s", "timeout_s", "unhealthy_threshold", "healthy_threshold"]
-        self.keys(m, "health_check", ["node"], optional)
-        node = self.single(m, "node", "health_check.node", by_name)
-        path = self.text(m, "path", "health_check.path") if "path" in m else "/health"
+    def url_path(self, m: _Map, key: str, where: str) -> str:
+        path = self.text(m, key, where)
         if not path.startswith("/"):
-            self.fail(self.line(m, "path"), "health_check.path: must start with /")
-        where = "health_check"
-        interval = self.number_or(m, "interval_s", f"{where}.interval_s", 0.1, 60, 1.0)
-        timeout = self.number_or(
-            m, "timeout_s", f"{where}.timeout_s", 0.01, interval, min(0.5, interval)
-        )
-        unhealthy = self.integer_or(
-            m, "unhealthy_threshold", f"{where}.unhealthy_threshold", 1, 10, 1
-        )
-        healthy = self.integer_or(m, "healthy_threshold", f"{where}.healthy_threshold", 1, 10, 2)
-        return HealthCheck(node, path, interval, timeout, unhealthy, healthy)
+            self.fail(self.line(m, key), f"{where}: must start with /")
+        return path
+
+    def node_refs(
+        self, m: _Map, key: str, where: str, by_name: Mapping[str, NodeDef]
+    ) -> tuple[str, ...]:
+        """A list of node names or replicated roles (or one of them, as a string)."""
+        value = m[key]
+        if isinstance(value, str):
+            return (self.endpoint(m, key, where, by_name),)
+        seq = self.sequence(m, key, where)
+        out: list[str] = []
+        for index, name in enumerate(seq):
+            if name not in by_name:
+                message = UNKNOWN_NODE.format(name=name, names=", ".join(by_name))
+                self.fail(seq.item_lines[index], f"{where}[{index}]: {message}")
+            if name in out:
+                self.fail(seq.item_lines[index], f"{where}[{index}]: {name!r} is listed twice")
+            out.append(str(name))
+        if not out:
+            self.fail(seq.line, f"{where}: name at least one node")
+        return tuple(out)
+
+    def params(self, top: _Map) -> dict[str, Any]:
+        m = self.mapping(top, "params", "params")
+        out: dict[str, Any] = {}
+        for key, value in m.items():
+            line = m.key_lines[key]
+            if not KEY_RE.match(key):
+                self.fail(
+                    line, f"params: {key!r} is not a valid name (lower_case_with_underscores)"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                self.fail(line, f"params.{key}: must be a finite number")
+            if not isinstance(value, str | int | float | bool):
+                self.fail(line, f"params.{key}: must be a number, a string or true/false")
+            out[key] = value
+        return out
+
+    def label(self, m: _Map, where: str, default: str) -> str:
+        return self.text(m, "label", f"{where}.label").strip() if "label" in m else default
+
+    def ids(self, m: _Map, key: str, where: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
+        value = m[key]
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            self.fail(self.line(m, key), f"{where}: must be a name or a non-empty list of names")
+        for item in items:
+            if not isinstance(item, str) or not pattern.match(item):
+                self.fail(self.line(m, key), f"{where}: {item!r} is not a valid name")
+        return tuple(items)
+
+    def observe(self, top: _Map, by_name: Mapping[str, NodeDef]) -> Observe:
+        m = self.mapping(top, "observe", "observe")
+        self.keys(m, "observe", [], ["events", "marks", "gauges", "states", "tables"])
+        ids: dict[str, int] = {}  # gauges, states and tables share one name space
+
+        def entries(key: str, required: list[str], optional: list[str]) -> list[tuple[_Map, str]]:
+            if key not in m:
+                return []
+            seq = self.sequence(m, key, f"observe.{key}")
+            out = []
+            for index in range(len(seq)):
+                where = f"observe.{key}[{index}]"
+                item = self.item(seq, index, where)
+                self.keys(item, where, required, optional)
+                out.append((item, where))
+            return out
+
+        def new_id(item: _Map, where: str, space: dict[str, int]) -> str:
+            id_ = self.text(item, "id", f"{where}.id", KEY_RE)
+            if id_ in space:
+                self.fail(item.line, f"{where}.id: {id_!r} is declared twice")
+            space[id_] = item.line
+            return id_
+
+        events: list[EventDef] = []
+        event_ids: dict[str, int] = {}
+        for item, where in entries("events", ["id", "text"], ["severity"]):
+            id_ = new_id(item, where, event_ids)
+            if id_ in RUNTIME_EVENTS:
+                self.fail(item.line, f"{where}.id: {id_!r} is an event the runtime writes itself")
+            text = " ".join(self.text(item, "text", f"{where}.text").split())
+            try:
+                for name, spec in template_fields(text):
+                    if spec or not KEY_RE.match(name):
+                        raise TemplateError(f"{{{name}}}: name a field plainly, as in {{target}}")
+            except TemplateError as exc:
+                self.fail(self.line(item, "text"), f"{where}.text: {exc}")
+            severity = self.choice(item, "severity", f"{where}.severity", SEVERITIES, "info")
+            events.append(EventDef(id_, text, severity))
+        marks: list[MarkDef] = []
+        mark_ids: dict[str, int] = {}
+        for item, where in entries("marks", ["id", "set_by", "cleared_by"], ["label"]):
+            id_ = new_id(item, where, mark_ids)
+            if id_ in NODE_STATES:
+                self.fail(item.line, f"{where}.id: {id_!r} is a state the platform sets itself")
+            set_by = self.ids(item, "set_by", f"{where}.set_by", KEY_RE)
+            cleared_by = self.ids(item, "cleared_by", f"{where}.cleared_by", KEY_RE)
+            for event_id in (*set_by, *cleared_by):
+                if event_id not in event_ids:
+                    self.fail(
+                        item.line,
+                        f"{where}: the event {event_id!r} is not declared in observe.events",
+                    )
+            marks.append(MarkDef(id_, self.label(item, where, id_), set_by, cleared_by))
+        gauges: list[GaugeDef] = []
+        for item, where in entries("gauges", ["id", "nodes"], ["label", "unit"]):
+            id_ = new_id(item, where, ids)
+            if id_ == "in_flight":
+                self.fail(
+                    item.line, f"{where}.id: in_flight is built in: report it without declaring it"
+                )
+            unit = self.text(item, "unit", f"{where}.unit") if "unit" in item else ""
+            nodes = self.node_refs(item, "nodes", f"{where}.nodes", by_name)
+            gauges.append(GaugeDef(id_, self.label(item, where, id_), unit, nodes))
+        states: list[StateDef] = []
+        for item, where in entries("states", ["id", "values", "nodes"], ["label"]):
+            id_ = new_id(item, where, ids)
+            values = self.ids(item, "values", f"{where}.values", NAME_RE)
+            if len(set(values)) != len(values):
+                self.fail(self.line(item, "values"), f"{where}.values: a value is listed twice")
+            nodes = self.node_refs(item, "nodes", f"{where}.nodes", by_name)
+            states.append(StateDef(id_, self.label(item, where, id_), values, nodes))
+        tables: list[TableDef] = []
+        for item, where in entries("tables", ["id", "node", "columns"], ["label"]):
+            id_ = new_id(item, where, ids)
+            node = self.endpoint(item, "node", f"{where}.node", by_name)
+            seq = self.sequence(item, "columns", f"{where}.columns")
+            columns: list[ColumnDef] = []
+            for index in range(len(seq)):
+                cwhere = f"{where}.columns[{index}]"
+                column = self.item(seq, index, cwhere)
+                self.keys(column, cwhere, ["id"], ["label", "unit"])
+                cid = self.text(column, "id", f"{cwhere}.id", KEY_RE)
+                if any(c.id == cid for c in columns):
+                    self.fail(column.line, f"{cwhere}.id: {cid!r} is used twice")
+                unit = self.text(column, "unit", f"{cwhere}.unit") if "unit" in column else ""
+                columns.append(ColumnDef(cid, self.label(column, cwhere, cid), unit))
+            if not 1 <= len(columns) <= MAX_TABLE_COLUMNS:
+                self.fail(seq.line, f"{where}.columns: from 1 to {MAX_TABLE_COLUMNS} columns")
+            tables.append(TableDef(id_, self.label(item, where, id_), node, tuple(columns)))
+        return Observe(tuple(events), tuple(marks), tuple(gauges), tuple(states), tuple(tables))
 
     def faults(self, top: _Map) -> tuple[str, ...]:
         seq = self.sequence(top, "faults", "faults")
@@ -1369,6 +1698,32 @@ class _Spec:
                 params[key] = role
             elif spec.kind == "number":
                 params[key] = self.number(given, key, key_where, spec.low, spec.high)
+            elif spec.kind == "gauge":
+                gauge = self.text(given, key, key_where)
+                declared_gauges = [g.id for g in pattern.observe.gauges]
+                if gauge not in declared_gauges:
+                    self.fail(
+                        line,
+                        f"{key_where}: {gauge!r} is not a declared gauge "
+                        f"(gauges: {', '.join(declared_gauges) or 'none'})",
+                    )
+                params[key] = gauge
+            elif spec.kind == "event":
+                event = self.text(given, key, key_where)
+                known = [e.id for e in pattern.observe.events] + list(PLATFORM_EVENTS)
+                if event not in known:
+                    self.fail(
+                        line, f"{key_where}: {event!r} is no event (events: {', '.join(known)})"
+                    )
+                params[key] = event
+            elif spec.kind == "link":
+                link = self.text(given, key, key_where)
+                ends = link.split(">")
+                if len(ends) != 2 or not all(_is_node(pattern, end) for end in ends):
+                    self.fail(
+                        line, f"{key_where}: {link!r} is not two nodes of the pattern as src>dst"
+                    )
+                params[key] = link
             else:  # phases
                 phases = self.mapping(given, key, key_where)
                 if not phases:
@@ -1383,6 +1738,8 @@ class _Spec:
                         )
                     named[phase] = self.step_ref(phases, phase, f"{key_where}.{phase}", step_ids)
                 params[key] = named
+        if "at_most" in declared and ("at_most" in params) == ("at_least" in params):
+            self.fail(given.line, f"{where}: give either at_most or at_least")
         if (
             "from_step" in params
             and params.get("to_step")
@@ -1579,6 +1936,11 @@ class _Spec:
                 self.fail(text_line, f"{text_where}: {exc}")
             out[key] = " ".join(text.split())
         return out
+
+
+def _role_of(pattern: Pattern, name: str) -> str | None:
+    node_def = pattern.node_def(name)
+    return node_def.role if node_def is not None else None
 
 
 def _is_node(pattern: Pattern, name: str) -> bool:

@@ -34,6 +34,7 @@ from django.db import close_old_connections, connections
 
 from apps.labs.engine.base import Engine, EngineError
 from apps.labs.models import Fault, Sandbox
+from apps.labs.patterns import PatternError, load_pattern
 from apps.labs.telemetry import Aggregator, NodeView, parse_line
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,12 @@ class Supervisor:
             self._follow_nodes(watched, [v.name for v in views if v.state != "missing"])
 
     def _watch(self, sandbox: Sandbox, now: float) -> _Watched:
-        aggregator = Aggregator()
+        try:
+            spec = load_pattern(sandbox.pattern).telemetry_spec()
+        except PatternError as exc:  # the sandbox still streams, without its pattern's view
+            log.warning("sandbox %s: %s", sandbox.hex, exc)
+            spec = None
+        aggregator = Aggregator(spec)
         stored = cache.get(snapshot_cache_key(sandbox.hex))
         if isinstance(stored, dict):
             aggregator.resume(stored)

@@ -71,22 +71,28 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 VERSION = 1
-PROBE_ROUTES = frozenset({"/health"})
-CLIENT_ROLE = "client"
 DOWN_STATES = frozenset({"exited", "missing"})
-STATE_EVENTS = frozenset(
+# The runtime's own ``state`` events that the event log shows (faults come from the union
+# of runtime and platform faults; ``peers`` is plumbing; ``set`` is a declared state).
+RUNTIME_LOGGED = frozenset({"started", "stopped", "failed", "config", "task_failed"})
+RUNTIME_EVENTS = frozenset(
     {
         "started",
         "stopped",
         "failed",
+        "fault",
+        "fault_cleared",
         "config",
-        "policy",
-        "ejected",
-        "readmitted",
-        "admitted",
+        "peers",
         "task_failed",
+        "set",
     }
 )
+IN_FLIGHT_GAUGE = "in_flight"  # built in: a node's own count replaces the estimate
+MAX_GAUGES = 32  # per node
+MAX_TABLE_ROWS = 50
+MAX_CELL_CHARS = 80
+MAX_TEXT_FIELD_CHARS = 200
 
 
 class Record(NamedTuple):
@@ -193,9 +199,28 @@ def _fmt_params(params: Any) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+class _Fields(dict[str, Any]):
+    """An event's fields for its text: a field it lacks reads "?"."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def fill(template: str, node: str, data: Mapping[str, Any]) -> str:
+    """A declared event's text: ``{node}`` and the event's fields (plain names only, as
+    the pattern loader checks), each cut to a sensible length."""
+    fields = _Fields({k: str(v)[:MAX_TEXT_FIELD_CHARS] for k, v in data.items()})
+    fields["node"] = node
+    try:
+        return template.format_map(fields)
+    except (ValueError, IndexError, KeyError, AttributeError):
+        return f"{node}: {template}"
+
+
 def event_text(node: str, kind: str, data: Mapping[str, Any]) -> str:
-    """A short sentence for the event log."""
-    target, reason = data.get("target", "?"), data.get("reason")
+    """A short sentence for the event log (the platform's and the runtime's events; a
+    pattern's own come from its ``observe.events`` templates)."""
+    reason = data.get("reason")
     why = f" ({reason})" if reason else ""
     texts = {
         "started": f"{node} started",
@@ -203,10 +228,6 @@ def event_text(node: str, kind: str, data: Mapping[str, Any]) -> str:
         "failed": f"{node} failed to start: {data.get('error', 'unknown error')}",
         "config": f"{node}: {data.get('key')} set to {data.get('value')} "
         f"(was {data.get('previous')})",
-        "policy": f"{node} switched policy from {data.get('previous')} to {data.get('policy')}",
-        "ejected": f"{node} ejected {target}{why}",
-        "readmitted": f"{node} re-admitted {target}{why}",
-        "admitted": f"{node} admitted {target}{why}",
         "task_failed": f"{node}: background task {data.get('task')} crashed: {data.get('error')}",
         "fault": f"{data.get('kind')} fault on {node}{_fmt_params(data.get('params'))}",
         "fault_cleared": f"{data.get('kind')} fault on {node} cleared",
@@ -229,6 +250,7 @@ class Aggregator:
 
     def __init__(
         self,
+        spec: Mapping[str, Any] | None = None,
         *,
         window: float = 1.0,
         lag: float = 0.2,
@@ -252,10 +274,26 @@ class Aggregator:
         self._roles: dict[str, str] = {}
         self._engine_state: dict[str, NodeView] = {}
         self._status_known = False
-        self._ejected: dict[str, set[str]] = {}  # balancer → targets out of rotation
+        # What the pattern declares (``Pattern.telemetry_spec()``; nothing when None).
+        spec = spec or {}
+        observe = spec.get("observe") or {}
+        self._users = frozenset(spec.get("users") or ())
+        self._probes = [
+            (str(p["from"]), str(p["to"]), str(p["route"])) for p in spec.get("probes") or ()
+        ]
+        self._declared_events: dict[str, Mapping[str, Any]] = dict(observe.get("events") or {})
+        self._mark_defs = list(observe.get("marks") or ())
+        self._gauge_ids = {g["id"] for g in observe.get("gauges") or ()} | {IN_FLIGHT_GAUGE}
+        self._state_defs = {x["id"]: x for x in observe.get("states") or ()}
+        self._table_ids = {t["id"] for t in observe.get("tables") or ()}
+        self._marks: dict[str, dict[str, str]] = {}  # writer → marked node → mark id
+        self._gauges: dict[str, dict[str, tuple[float, float]]] = {}  # node → id → (ts, v)
+        self._states: dict[str, dict[str, str]] = {}  # node → state id → value
+        self._tables: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (node, id) → rows
+        self._undeclared: dict[str, int] = {}  # what nodes reported that the spec lacks
+        self._event_counts: dict[int, dict[str, int]] = {}  # second → event kind → count
         self._runtime_faults: dict[str, dict[str, Any]] = {}  # node → kind → params
         self._platform_faults: dict[str, dict[str, Any]] = {}
-        self._client_in_flight: dict[str, tuple[float, int]] = {}
         self._links: set[tuple[str, str]] = set()
 
     # --- input -------------------------------------------------------------------------
@@ -283,46 +321,142 @@ class Aggregator:
                     dst=str(line.get("dst") or ""),
                     status=int(line.get("status", 0)),
                     ms=float(line.get("ms", 0.0)),
-                    probe=line.get("route") in PROBE_ROUTES,
+                    probe=False,
                 )
             except (TypeError, ValueError):
                 return []
+            if self._probes:
+                record = record._replace(probe=self._is_probe(record, line.get("route")))
             self._records.append(record)
             if kind == "call":
                 self._links.add((record.src, record.dst))
                 if not record.probe:
                     self._fresh_calls.append(record)
             return []
-        if kind == "traffic":
-            if isinstance(line.get("in_flight"), int):
-                self._client_in_flight[node] = (ts, line["in_flight"])
+        if kind == "gauges":
+            self._gauge_line(node, ts, line.get("values"))
+            return []
+        if kind == "table":
+            self._table_line(node, line.get("table"), line.get("rows"))
             return []
         if kind != "state":
             return []
         return self._state_line(node, ts, line)
+
+    def _role_of(self, name: str) -> str:
+        return self._roles.get(name, "")
+
+    def _is(self, name: str, ref: str) -> bool:
+        """Whether ``name`` is the node ``ref``, or an instance of the role ``ref``."""
+        return bool(name) and (name == ref or self._role_of(name) == ref)
+
+    def _is_probe(self, record: Record, route: Any) -> bool:
+        return any(
+            route == probe_route and self._is(record.src, src) and self._is(record.dst, dst)
+            for src, dst, probe_route in self._probes
+        )
+
+    def _is_user(self, name: str) -> bool:
+        return name in self._users or self._role_of(name) in self._users
+
+    def _count_undeclared(self, what: str) -> None:
+        if what in self._undeclared or len(self._undeclared) < 100:
+            self._undeclared[what] = self._undeclared.get(what, 0) + 1
+
+    def _gauge_line(self, node: str, ts: float, values: Any) -> None:
+        if not isinstance(values, Mapping):
+            return
+        gauges = self._gauges.setdefault(node, {})
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value):
+                continue
+            if key not in self._gauge_ids:
+                self._count_undeclared(f"gauge {key}")
+                continue
+            if key in gauges or len(gauges) < MAX_GAUGES:
+                gauges[str(key)] = (ts, float(value))
+
+    def _table_line(self, node: str, table: Any, rows: Any) -> None:
+        if not isinstance(table, str) or not isinstance(rows, list):
+            return
+        if table not in self._table_ids:
+            self._count_undeclared(f"table {table}")
+            return
+        clean: list[dict[str, Any]] = []
+        for row in rows[:MAX_TABLE_ROWS]:
+            if not isinstance(row, Mapping):
+                continue
+            clean.append(
+                {
+                    str(k)[:40]: v
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                    else str(v)[:MAX_CELL_CHARS]
+                    for k, v in list(row.items())[:16]
+                }
+            )
+        self._tables[(node, table)] = clean
 
     def _state_line(self, node: str, ts: float, line: Mapping[str, Any]) -> list[dict[str, Any]]:
         event = line.get("event")
         data = {k: v for k, v in line.items() if k not in {"v", "ts", "node", "type", "event"}}
         before = self._fault_keys()
         announce = ts > self._event_horizon
+        text: str | None = None
+        logged = event in RUNTIME_LOGGED
         if event == "started":
             if line.get("role"):
                 self._roles[node] = str(line["role"])
-            self._ejected.pop(node, None)  # a fresh balancer starts with everyone in
+            self._marks.pop(node, None)  # a fresh node starts with no marks on others
+            self._states.pop(node, None)
+            self._gauges.pop(node, None)
             self._runtime_faults.pop(node, None)
-        elif event == "ejected" and line.get("target"):
-            self._ejected.setdefault(node, set()).add(str(line["target"]))
-        elif event in ("readmitted", "admitted") and line.get("target"):
-            self._ejected.get(node, set()).discard(str(line["target"]))
         elif event == "fault" and line.get("kind"):
             self._runtime_faults.setdefault(node, {})[str(line["kind"])] = line.get("params", {})
         elif event == "fault_cleared" and line.get("kind"):
             self._runtime_faults.get(node, {}).pop(str(line["kind"]), None)
+        elif event == "set":
+            text = self._set_state(node, line)
+            logged = text is not None
+        elif isinstance(event, str) and event not in RUNTIME_EVENTS:
+            declared = self._declared_events.get(event)
+            if declared is None:
+                self._count_undeclared(f"event {event}")
+                text = f"{node}: {event}"
+            else:
+                text = fill(str(declared.get("text", event)), node, data)
+                self._apply_marks(node, event, data.get("target"))
+            logged = True
         events = self._fault_events(before, ts) if announce else []
-        if announce and event in STATE_EVENTS:
-            events.insert(0, self._event(ts, node, str(event), data))
+        if announce and logged:
+            events.insert(0, self._event(ts, node, str(event), data, text))
         return events
+
+    def _set_state(self, node: str, line: Mapping[str, Any]) -> str | None:
+        """A declared state's new value; the event log's text, or None when it is not
+        a declared state with one of its values."""
+        name, value = line.get("name"), line.get("value")
+        state = self._state_defs.get(name) if isinstance(name, str) else None
+        if state is None or value not in state.get("values", ()):
+            self._count_undeclared(f"state {name}={value}")
+            return None
+        previous = self._states.setdefault(node, {}).get(str(name))
+        self._states[node][str(name)] = str(value)
+        label = state.get("label") or name
+        return f"{node}: {label} {previous} → {value}" if previous else f"{node}: {label} {value}"
+
+    def _apply_marks(self, writer: str, event: str, target: Any) -> None:
+        if not isinstance(target, str) or not target:
+            return
+        for mark in self._mark_defs:
+            if event in mark["set_by"]:
+                self._marks.setdefault(writer, {})[target] = mark["id"]
+            elif (
+                event in mark["cleared_by"]
+                and self._marks.get(writer, {}).get(target) == mark["id"]
+            ):
+                del self._marks[writer][target]
 
     def update_status(
         self, *, nodes: Sequence[NodeView], faults: Iterable[Mapping[str, Any]], now: float
@@ -361,9 +495,12 @@ class Aggregator:
 
     def _forget(self, name: str) -> None:
         self._roles.pop(name, None)
-        self._ejected.pop(name, None)
-        for targets in self._ejected.values():
-            targets.discard(name)
+        self._marks.pop(name, None)
+        for marked in self._marks.values():
+            marked.pop(name, None)
+        self._states.pop(name, None)
+        self._gauges.pop(name, None)
+        self._tables = {k: v for k, v in self._tables.items() if k[0] != name}
         self._runtime_faults.pop(name, None)
         self._links = {link for link in self._links if name not in link}
 
@@ -389,18 +526,41 @@ class Aggregator:
         ]
         return sorted(events, key=lambda e: (e["node"], e["kind"]))
 
-    def _event(self, ts: float, node: str, kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    def _event(
+        self,
+        ts: float,
+        node: str,
+        kind: str,
+        data: Mapping[str, Any],
+        text: str | None = None,
+    ) -> dict[str, Any]:
+        declared = self._declared_events.get(kind)
         event = {
             "type": "event",
             "v": VERSION,
             "ts": ts,
             "node": node,
             "kind": kind,
-            "text": event_text(node, kind, data),
+            "text": text if text is not None else event_text(node, kind, data),
             "data": dict(data),
         }
+        if declared is not None and declared.get("severity", "info") != "info":
+            event["severity"] = declared["severity"]
+        self._count_event(ts, kind)
         self._events.append(event)
         return event
+
+    def _count_event(self, ts: float, kind: str) -> None:
+        """Count an event in the history point of its second (or, when that point is
+        already written, in the last one)."""
+        second = math.ceil(ts)
+        if self._last_second is not None and second <= self._last_second and self._history:
+            counted = self._history[-1].setdefault("events", {})
+        elif len(self._event_counts) < 600:
+            counted = self._event_counts.setdefault(second, {})
+        else:
+            return
+        counted[kind] = counted.get(kind, 0) + 1
 
     def ended(self, *, now: float, state: str) -> dict[str, Any]:
         """The sandbox stopped: the last event its viewers get."""
@@ -427,20 +587,37 @@ class Aggregator:
             return "paused"
         if (name, "partition") in faults:
             return "partitioned"
-        if any(name in targets for targets in self._ejected.values()):
-            return "ejected"
+        for writer, marked in self._marks.items():
+            if name in marked and writer in self._roles:
+                return marked[name]
         return "up"
 
     def _node_records(self, records: Iterable[Record], name: str) -> list[Record]:
-        if self._roles.get(name) == CLIENT_ROLE:
+        if self._is_user(name):
             return [r for r in records if r.kind == "call" and r.node == name and not r.probe]
         return [r for r in records if r.kind == "request" and r.node == name and not r.probe]
 
     def _totals_records(self, records: Sequence[Record]) -> list[Record]:
-        clients = {n for n, role in self._roles.items() if role == CLIENT_ROLE}
-        if clients:
-            return [r for r in records if r.kind == "call" and r.node in clients and not r.probe]
+        users = {n for n in self._roles if self._is_user(n)}
+        if users:
+            return [r for r in records if r.kind == "call" and r.node in users and not r.probe]
         return [r for r in records if r.kind == "request" and not r.probe]
+
+    def _observed(self, name: str, now: float) -> dict[str, Any]:
+        """A node's gauges (without the built-in in_flight) and states, for frames."""
+        out: dict[str, Any] = {}
+        gauges = {k: v for k, (_, v) in self._gauges.get(name, {}).items() if k != IN_FLIGHT_GAUGE}
+        if gauges:
+            out["gauges"] = gauges
+        if self._states.get(name):
+            out["states"] = dict(self._states[name])
+        return out
+
+    def _tables_out(self) -> list[dict[str, Any]]:
+        return [
+            {"id": table, "node": node, "rows": rows}
+            for (node, table), rows in sorted(self._tables.items())
+        ]
 
     def _between(self, start: float, end: float) -> list[Record]:
         return [r for r in self._records if start < r.ts <= end]
@@ -459,6 +636,7 @@ class Aggregator:
                 entry |= stats(mine, self.window)
                 entry["in_flight"] = self._in_flight(name, mine, start, end, now)
                 entry["state"] = self._node_state(name)
+                entry |= self._observed(name, now)
                 nodes[name] = entry
             links: dict[str, Any] = {}
             for src, dst in sorted(self._links):
@@ -466,7 +644,6 @@ class Aggregator:
                 real = [r for r in calls if not r.probe]
                 probes = [r for r in calls if r.probe]
                 link = stats(real, self.window)
-                del link["p50_ms"]
                 probe = stats(probes, self.window)
                 links[f"{src}>{dst}"] = {
                     "src": src,
@@ -486,6 +663,7 @@ class Aggregator:
                 "sample": self._take_sample(),
                 "totals": stats(self._totals_records(records), self.window),
                 "faults": [{"node": n, "kind": k} for n, k in sorted(self._fault_keys())],
+                "tables": self._tables_out(),
             }
             self._last_frame = frame
             return frame
@@ -493,9 +671,9 @@ class Aggregator:
     def _in_flight(
         self, name: str, mine: Sequence[Record], start: float, end: float, now: float
     ) -> float:
-        reported = self._client_in_flight.get(name)
+        reported = self._gauges.get(name, {}).get(IN_FLIGHT_GAUGE)
         if reported is not None and now - reported[0] <= 2.0:
-            return float(reported[1])
+            return reported[1]
         busy = sum(max(0.0, min(r.ts, end) - max(r.ts - r.ms / 1000.0, start)) for r in mine)
         return round(busy / (end - start), 2)
 
@@ -524,15 +702,33 @@ class Aggregator:
             records = self._between(second - 1, second)
             users = self._totals_records(records)
             nodes = {name: self._node_records(records, name) for name in self._node_names()}
+            links: dict[str, list[Record]] = {}
+            for r in records:
+                if r.kind == "call" and not r.probe:
+                    links.setdefault(f"{r.src}>{r.dst}", []).append(r)
+            point_events = self._event_counts.pop(second, None)
+            point_nodes: dict[str, Any] = {}
+            for name, mine in nodes.items():
+                point_nodes[name] = stats(mine, 1.0) | counts(mine) | self._observed(name, second)
+                point_nodes[name]["state"] = self._node_state(name)
+                point_nodes[name]["in_flight"] = self._in_flight(
+                    name, mine, second - 1, second, second
+                )
             self._history.append(
                 {
                     "ts": second,
                     "totals": stats(users, 1.0) | counts(users, detail=True),
-                    "nodes": {
-                        name: stats(mine, 1.0) | counts(mine) for name, mine in nodes.items()
+                    "nodes": point_nodes,
+                    "links": {
+                        key: stats(calls, 1.0) | counts(calls, detail=True)
+                        for key, calls in sorted(links.items())
                     },
                 }
             )
+            if point_events:
+                self._history[-1]["events"] = point_events
+        for stale in [s for s in self._event_counts if s <= last_whole]:
+            del self._event_counts[stale]
         self._last_second = max(self._last_second, last_whole)
 
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -548,6 +744,8 @@ class Aggregator:
                 "frame": self._last_frame,
                 "history": list(self._history),
                 "events": list(self._events),
+                "tables": self._tables_out(),
+                "undeclared": dict(self._undeclared),
             }
 
     def resume(self, snapshot: Mapping[str, Any]) -> None:

@@ -48,7 +48,7 @@ from aiohttp import web
 from . import faults as fault_kinds
 from .config import Config, OnChange
 from .faults import Faults
-from .telemetry import Telemetry
+from .telemetry import RUNTIME_EVENTS, Telemetry
 
 Request = web.Request
 Response = web.StreamResponse
@@ -63,6 +63,9 @@ SHUTDOWN_GRACE_S = 1.5  # in-flight requests get this long to finish on SIGTERM
 DROP_POLL_S = 0.25  # how often a dropped request checks whether its caller gave up
 DROP_HOLD_MAX_S = 300.0  # a dropped request is hung up on after this long at most
 TASK_RESTART_S = 1.0  # a background task that crashed is started again after this
+OBSERVE_FLUSH_S = 0.25  # changed gauges and tables are written at most this often
+MAX_TABLE_ROWS = 50
+PARAMS_ENV = "DISTLAB_PARAMS"  # the pattern's params, as one JSON object
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,14 @@ class Node:
         self._stopping = False
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        # What the program observes (the pattern's ``observe``): current values, and
+        # which gauges and tables changed since they were last written.
+        self._gauges: dict[str, float] = {}
+        self._states: dict[str, str] = {}
+        self._tables: dict[str, list[dict[str, Any]]] = {}
+        self._dirty_gauges: set[str] = set()
+        self._dirty_tables: set[str] = set()
+        self._params: dict[str, Any] | None = None
 
     # ---- declaring what the program does (call these from setup) ---------------------
 
@@ -261,6 +272,67 @@ class Node:
         """Emit an event of a program-defined type (document it in TELEMETRY.md)."""
         self.telemetry.emit(type_, **fields)
 
+    # ---- what the program observes: the spec's ``observe`` (TELEMETRY.md) -----------------
+
+    def event(self, event_id: str, **fields: Any) -> None:
+        """Something happened that the event log should say (``ejected``, ``keys_moved``):
+        declare it in the spec's ``observe.events``, whose text names these fields."""
+        if event_id in RUNTIME_EVENTS:
+            raise ValueError(f"event {event_id!r} is the runtime's own: choose another name")
+        self.state(event_id, **fields)
+
+    def gauge(self, gauge_id: str, value: float) -> None:
+        """Set a declared gauge (a number charted per node: lag, keys, queue depth). Changes
+        are written at most every OBSERVE_FLUSH_S, so set it as often as it changes."""
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ValueError(f"gauge {gauge_id!r} takes a number, got {value!r}")
+        if self._gauges.get(gauge_id) != value:
+            self._gauges[gauge_id] = value
+            self._dirty_gauges.add(gauge_id)
+
+    def set_state(self, state_id: str, value: str) -> None:
+        """Set a declared state (one of its values: ``open``, ``leader``); a change is
+        written at once and becomes an event and a badge on this node."""
+        if not isinstance(value, str):
+            raise ValueError(f"state {state_id!r} takes a string, got {value!r}")
+        previous = self._states.get(state_id)
+        if previous != value:
+            self._states[state_id] = value
+            self.state("set", name=state_id, value=value, previous=previous)
+
+    def table(self, table_id: str, rows: list[dict[str, Any]]) -> None:
+        """Replace a declared table's rows (at most MAX_TABLE_ROWS; each a mapping of the
+        table's column ids to numbers or short strings; the first column is the key)."""
+        if len(rows) > MAX_TABLE_ROWS:
+            raise ValueError(f"table {table_id!r}: at most {MAX_TABLE_ROWS} rows")
+        copied = [dict(row) for row in rows]
+        if self._tables.get(table_id) != copied:
+            self._tables[table_id] = copied
+            self._dirty_tables.add(table_id)
+
+    def flush_observed(self) -> None:
+        """Write the gauges and tables changed since the last write (done every
+        OBSERVE_FLUSH_S while the node serves)."""
+        if self._dirty_gauges:
+            values = {k: self._gauges[k] for k in sorted(self._dirty_gauges)}
+            self._dirty_gauges.clear()
+            self.telemetry.emit("gauges", values=values)
+        for table_id in sorted(self._dirty_tables):
+            self.telemetry.emit("table", table=table_id, rows=self._tables[table_id])
+        self._dirty_tables.clear()
+
+    async def _write_observed(self) -> None:
+        while True:
+            await asyncio.sleep(OBSERVE_FLUSH_S)
+            self.flush_observed()
+
+    def param(self, name: str, default: Any = None) -> Any:
+        """One of the pattern's ``params`` (from DISTLAB_PARAMS), or ``default``."""
+        if self._params is None:
+            params = self.env_json(PARAMS_ENV, {})
+            self._params = params if isinstance(params, dict) else {}
+        return self._params.get(name, default)
+
     # ---- calling peers -----------------------------------------------------------------
 
     async def call(
@@ -270,11 +342,14 @@ class Node:
         *,
         method: str = "GET",
         params: Mapping[str, str] | None = None,
+        json: Any = None,
         timeout: float = 2.0,
         route: str | None = None,
     ) -> Reply:
         """Call a peer by name; return its answer (any status) or raise CallError when
-        there is none. Emits one ``call`` event either way (``route`` defaults to path)."""
+        there is none. ``json`` is sent as the body. Emits one ``call`` event either way
+        (``route`` defaults to the path: give a template like ``/kv/{key}`` instead when
+        the path holds a key, so the telemetry groups the calls)."""
         started = time.monotonic()
         route = route or path
         fault: str | None = None
@@ -298,7 +373,7 @@ class Node:
                     if delay >= timeout:
                         raise CallError(peer, "timeout")
             remaining = timeout - (time.monotonic() - started)
-            reply = await self._http(peer, target.address, method, path, params, remaining)
+            reply = await self._http(peer, target.address, method, path, params, json, remaining)
         except CallError as exc:
             self._record_call(peer, method, route, 0, started, exc.reason, fault)
             raise
@@ -312,6 +387,7 @@ class Node:
         method: str,
         path: str,
         params: Mapping[str, str] | None,
+        body: Any,
         timeout: float,
     ) -> Reply:
         if self._session is None:
@@ -321,6 +397,7 @@ class Node:
                 method,
                 f"http://{address}{path}",
                 params=params,
+                json=body,
                 headers=self._from_header,
                 timeout=aiohttp.ClientTimeout(total=max(timeout, 0.001)),
             ) as response:
@@ -467,6 +544,7 @@ class Node:
         await web.TCPSite(self._runner, host, port).start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run_task(f)) for f in self._task_functions]
+        self._tasks.append(loop.create_task(self._write_observed()))
 
     async def _run_task(self, function: TaskFunction) -> None:
         while not self._stopping:
@@ -519,6 +597,11 @@ class Node:
             "config_schema": self.config.schema(),
             "peers": [p.as_dict() for p in self._peers.values()],
             "status": self._status() if self._status is not None else {},
+            "observed": {
+                "gauges": dict(self._gauges),
+                "states": dict(self._states),
+                "tables": {k: list(v) for k, v in self._tables.items()},
+            },
         }
 
     def set_fault(self, kind: str, params: Mapping[str, Any]) -> None:

@@ -51,6 +51,9 @@ def program_path(pattern_id: str, program: str, root: Path = PATTERNS_DIR) -> Pa
         raise UsageError(f"bad program name {program!r} (expected a file name like replica.py)")
     path = root / pattern_id / program
     if not path.is_file():
+        shared = root.parent / "programs" / program
+        if shared.is_file():
+            return shared
         raise UsageError(f"no program {program!r} in pattern {pattern_id!r} ({path})")
     return path
 

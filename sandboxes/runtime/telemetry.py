@@ -18,6 +18,21 @@ SCHEMA_VERSION = 1
 FLUSH_INTERVAL_S = 0.1
 FLUSH_BYTES = 64 * 1024
 RESERVED_FIELDS = frozenset({"v", "ts", "node", "type"})
+# ``state`` events the runtime writes itself; a program's own events (``node.event``) use
+# other names. ``set`` carries a declared state's new value (``node.set_state``).
+RUNTIME_EVENTS = frozenset(
+    {
+        "started",
+        "stopped",
+        "failed",
+        "fault",
+        "fault_cleared",
+        "config",
+        "peers",
+        "task_failed",
+        "set",
+    }
+)
 
 
 class Telemetry:

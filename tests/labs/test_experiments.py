@@ -78,7 +78,7 @@ experiments:
       measure: error_duration
       params: {from_step: break}
       judge: {value: error_s, tolerance: 0.5, tolerance_pct: 20}
-      explanation: "Errors lasted {error_s:.1f} s (checks every {health_check.interval_s:g} s)."
+      explanation: "Errors lasted {error_s:.1f} s (checks every {params.interval_s:g} s)."
   - id: pick
     title: Pick one
     intro: Compare two phases.
@@ -250,7 +250,7 @@ FORMAT_ERRORS = [
     (
         {42: "      measure: vibes"},
         42,
-        "check.measure: unknown measure 'vibes' (expected one of: error_duration, share_by_node)",
+        "check.measure: unknown measure 'vibes' (expected one of: error_duration, share_by_node, phase_stats",
     ),
     ({43: "      params: {}"}, 43, "experiments[0].check.params: missing key 'from_step'"),
     ({43: "      params: {from_step: break, hue: 1}"}, 43, "check.params: unknown key 'hue'"),
@@ -386,8 +386,8 @@ def test_chapter_5_ships_the_two_experiments() -> None:
     # Both put the learner's settings back at the end.
     assert all(a.restore for a in kill.steps[-1].actions + policy.steps[-1].actions)
     assert {a.control for a in policy.steps[-1].actions} == {"policy", "rps"}
-    assert pattern.spec_values()["health_check.interval_s"] == 1.0
-    assert pattern.spec_values()["health_check.unhealthy_threshold"] == 1
+    assert pattern.spec_values()["params.health_interval_s"] == 1.0
+    assert pattern.spec_values()["params.unhealthy_threshold"] == 1
 
 
 def test_every_fault_action_passes_the_platforms_own_checks() -> None:
@@ -471,8 +471,8 @@ def test_choice_judges_take_the_first_rule_that_holds() -> None:
 
 
 def test_templates_only_see_the_values_they_are_given() -> None:
-    values = {"error_s": 0.4242, "health_check.interval_s": 1.0}
-    assert safe_format("{error_s:.2f} s / {health_check.interval_s:g} s", values) == "0.42 s / 1 s"
+    values = {"error_s": 0.4242, "params.health_interval_s": 1.0}
+    assert safe_format("{error_s:.2f} s / {params.health_interval_s:g} s", values) == "0.42 s / 1 s"
     for bad in ("{error_s.__class__}", "{error_s[0]}", "{0}", "{secret}", "{error_s!r}"):
         with pytest.raises(measures.TemplateError):
             safe_format(bad, values)
@@ -494,7 +494,7 @@ def test_the_explanation_uses_the_measured_figures_and_the_spec() -> None:
         experiment,
         "none",
         measured | {"errors": 0.0, "error_s": 0.0},
-        {"health_check.interval_s": 1.0},
+        {"params.health_interval_s": 1.0},
     )
     assert none.correct and none.explanation.startswith("No request failed (500 sent)")
 

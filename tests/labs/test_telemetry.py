@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from apps.labs.patterns import load_pattern
 from apps.labs.telemetry import Aggregator, NodeView, latency_bucket, parse_line
 
 T0 = 1_800_000_000.0
@@ -30,8 +31,13 @@ def state(node: str, ts: float, event: str, **fields: Any) -> dict[str, Any]:
     return {"v": 1, "ts": ts, "node": node, "type": "state", "event": event, **fields}
 
 
+# The replicated-lb pattern's declarations: traffic's calls are what users see, the
+# balancer's calls on /health are probes, and its `ejected` events mark replicas.
+SPEC = load_pattern("replicated-lb").telemetry_spec()
+
+
 def aggregator() -> Aggregator:
-    agg = Aggregator(window=1.0, lag=0.0)
+    agg = Aggregator(SPEC, window=1.0, lag=0.0)
     agg.update_status(nodes=NODES, faults=[], now=T0)
     return agg
 
@@ -88,7 +94,7 @@ def test_the_sample_is_capped_fresh_and_excludes_health_checks() -> None:
 
 
 def test_the_history_has_a_point_per_second_and_is_bounded() -> None:
-    agg = Aggregator(window=1.0, lag=0.0, history_seconds=300)
+    agg = Aggregator(SPEC, window=1.0, lag=0.0, history_seconds=300)
     agg.update_status(nodes=NODES, faults=[], now=T0)
     for second in range(400):
         agg.ingest_many(call("traffic", "lb", T0 + second + i / 10 + 0.05) for i in range(10))
@@ -115,8 +121,10 @@ def test_it_turns_state_lines_into_events_and_node_states() -> None:
     assert events[0]["text"] == "lb re-admitted replica-2 (ok)"
     assert agg.frame(T0 + 3)["nodes"]["replica-2"]["state"] == "up"
 
+    # An event the pattern does not declare is logged plainly, and counted.
     events = agg.ingest(state("lb", T0 + 4, "policy", policy="random", previous="round-robin"))
-    assert events[0]["text"] == "lb switched policy from round-robin to random"
+    assert events[0]["text"] == "lb: policy"
+    assert agg.snapshot(T0 + 4)["undeclared"] == {"event policy": 1}
     events = agg.ingest(state("replica-1", T0 + 5, "fault", kind="latency", params={"ms": 300.0}))
     assert [e["kind"] for e in events] == ["fault"]
     assert events[0]["text"] == "latency fault on replica-1 (ms=300.0)"
@@ -184,7 +192,7 @@ def test_the_snapshot_keeps_the_last_hundred_events_and_a_resume_does_not_repeat
     assert snapshot["nodes"]["lb"] == {"role": "balancer", "state": "up"}
     assert snapshot["frame"]["seq"] == 1
 
-    resumed = Aggregator(window=1.0, lag=0.0)
+    resumed = Aggregator(SPEC, window=1.0, lag=0.0)
     resumed.resume(snapshot)
     assert resumed.ingest(state("lb", T0 + 149, "ejected", target="replica-149")) == []
     assert len(resumed.ingest(state("lb", T0 + 152, "ejected", target="replica-1"))) == 1
@@ -264,6 +272,8 @@ def test_an_empty_second_has_zero_counts_and_an_empty_histogram() -> None:
         "p99_ms": None,
         "n": 0,
         "errors": 0,
+        "state": "up",
+        "in_flight": 0.0,
     }
 
 
@@ -289,7 +299,127 @@ def test_a_resumed_history_keeps_its_points_as_they_were() -> None:
     agg.ingest(call("traffic", "lb", T0 + 0.5, status=503))
     agg.frame(T0 + 1.0)
     snapshot = agg.snapshot(T0 + 1)
-    again = Aggregator(window=1.0, lag=0.0)
+    again = Aggregator(SPEC, window=1.0, lag=0.0)
     again.resume(snapshot)
     assert again.snapshot(T0 + 1)["history"] == snapshot["history"]
     assert again.snapshot(T0 + 1)["history"][-1]["totals"]["errors"] == 1
+
+
+# ---- what a pattern declares: users, probes, events, marks, gauges, states, tables --------
+
+KV_SPEC: dict[str, Any] = {
+    "roles": ["shard"],
+    "users": ["client"],
+    "probes": [{"from": "router", "to": "shard", "route": "/ping"}],
+    "observe": {
+        "events": {
+            "keys_moved": {"text": "{node} moved {moved} keys ({function})", "severity": "warning"},
+            "lost": {"text": "{node} lost {target}", "severity": "error"},
+            "found": {"text": "{node} found {target} again", "severity": "info"},
+        },
+        "marks": [{"id": "lost", "label": "lost", "set_by": ["lost"], "cleared_by": ["found"]}],
+        "gauges": [{"id": "keys", "label": "Keys", "unit": "keys", "nodes": ["shard"]}],
+        "states": [
+            {"id": "mode", "label": "Mode", "values": ["ok", "degraded"], "nodes": ["router"]}
+        ],
+        "tables": [{"id": "shards", "label": "Shards", "node": "router", "columns": []}],
+    },
+}
+KV_NODES = [
+    NodeView("shard-1", "shard", "running"),
+    NodeView("shard-2", "shard", "running"),
+    NodeView("router", "router", "running"),
+    NodeView("client", "client", "running"),
+]
+
+
+def kv() -> Aggregator:
+    agg = Aggregator(KV_SPEC, window=1.0, lag=0.0)
+    agg.update_status(nodes=KV_NODES, faults=[], now=T0)
+    return agg
+
+
+def test_users_and_probes_come_from_the_spec_not_from_names() -> None:
+    agg = kv()
+    for i in range(10):
+        ts = T0 + 0.05 + i / 10
+        agg.ingest(call("client", "router", ts, ms=20.0))
+        agg.ingest(call("router", "shard-1", ts, ms=5.0, route="/ping"))  # a probe
+        agg.ingest(request("router", "shard-1", ts, route="/ping"))
+        agg.ingest(call("router", "shard-2", ts, ms=4.0, route="/health"))  # not declared
+    frame = agg.frame(T0 + 1)
+    assert frame["totals"]["rps"] == 10.0 and frame["totals"]["p50_ms"] == 20.0
+    assert frame["nodes"]["client"]["rps"] == 10.0  # a user node: its calls
+    assert frame["nodes"]["shard-1"]["rps"] == 0.0  # probes are not requests
+    assert frame["links"]["router>shard-1"]["probe_rps"] == 10.0
+    assert frame["links"]["router>shard-1"]["rps"] == 0.0
+    assert frame["links"]["router>shard-2"]["rps"] == 10.0  # /health is no probe here
+    assert frame["links"]["router>shard-2"]["p50_ms"] == 4.0
+
+
+def test_declared_events_use_their_text_and_severity_and_marks_follow_them() -> None:
+    agg = kv()
+    [event] = agg.ingest(state("router", T0 + 1, "keys_moved", moved=75, function="modulo"))
+    assert event["text"] == "router moved 75 keys (modulo)"
+    assert event["severity"] == "warning"
+    [event] = agg.ingest(state("router", T0 + 2, "lost", target="shard-2"))
+    assert event["text"] == "router lost shard-2" and event["severity"] == "error"
+    assert agg.frame(T0 + 2)["nodes"]["shard-2"]["state"] == "lost"
+    [event] = agg.ingest(state("router", T0 + 3, "found"))  # no target: the text says "?"
+    assert event["text"] == "router found ? again" and "severity" not in event
+    assert agg.frame(T0 + 3)["nodes"]["shard-2"]["state"] == "lost"
+    agg.ingest(state("router", T0 + 4, "found", target="shard-2"))
+    assert agg.frame(T0 + 4)["nodes"]["shard-2"]["state"] == "up"
+    agg.ingest(state("router", T0 + 5, "lost", target="shard-1"))
+    agg.ingest(state("router", T0 + 6, "started", role="router"))  # a restart forgets
+    assert agg.frame(T0 + 6)["nodes"]["shard-1"]["state"] == "up"
+
+
+def test_gauges_states_and_tables_reach_frames_history_and_snapshots() -> None:
+    agg = kv()
+    agg.ingest({"v": 1, "ts": T0 + 0.5, "node": "shard-1", "type": "gauges",
+                "values": {"keys": 120, "bogus": 1, "in_flight": 3}})  # fmt: skip
+    agg.ingest({"v": 1, "ts": T0 + 0.5, "node": "router", "type": "table", "table": "shards",
+                "rows": [{"shard": "shard-1", "keys": 120}, "not a row"]})  # fmt: skip
+    [event] = agg.ingest(state("router", T0 + 0.6, "set", name="mode", value="degraded"))
+    assert event["text"] == "router: Mode degraded"
+    [event] = agg.ingest(state("router", T0 + 0.7, "set", name="mode", value="ok"))
+    assert event["text"] == "router: Mode degraded → ok"
+    assert agg.ingest(state("router", T0 + 0.8, "set", name="mode", value="exploded")) == []
+    frame = agg.frame(T0 + 1)
+    assert frame["nodes"]["shard-1"]["gauges"] == {"keys": 120.0}
+    assert frame["nodes"]["shard-1"]["in_flight"] == 3.0  # the node's own count
+    assert frame["nodes"]["router"]["states"] == {"mode": "ok"}
+    assert frame["tables"] == [
+        {"id": "shards", "node": "router", "rows": [{"shard": "shard-1", "keys": 120}]}
+    ]
+    snapshot = agg.snapshot(T0 + 1)
+    assert snapshot["history"][-1]["nodes"]["shard-1"]["gauges"] == {"keys": 120.0}
+    assert snapshot["tables"] == frame["tables"]
+    assert snapshot["undeclared"] == {"gauge bogus": 1, "state mode=exploded": 1}
+
+
+def test_the_history_keeps_each_links_figures() -> None:
+    agg = kv()
+    agg.ingest_many(call("client", "router", T0 + 0.1 * i, ms=10.0 * i) for i in range(1, 10))
+    agg.frame(T0 + 1)
+    link = agg.snapshot(T0 + 1)["history"][-1]["links"]["client>router"]
+    assert link["n"] == 9 and link["p50_ms"] == 50.0 and link["errors"] == 0
+
+
+def test_hostile_observations_are_bounded() -> None:
+    agg = kv()
+    rows = [{"shard": "x" * 500, "keys": i} for i in range(500)]
+    agg.ingest({"v": 1, "ts": T0, "node": "router", "type": "table", "table": "shards",
+                "rows": rows})  # fmt: skip
+    agg.ingest({"v": 1, "ts": T0, "node": "shard-1", "type": "gauges",
+                "values": {"keys": float("nan")}})  # fmt: skip
+    agg.ingest({"v": 1, "ts": T0, "node": "shard-1", "type": "gauges", "values": [1, 2]})
+    agg.ingest(state("router", T0, "keys_moved", moved="9" * 1000, function=None))
+    frame = agg.frame(T0 + 1)
+    [table] = frame["tables"]
+    assert len(table["rows"]) == 50 and len(table["rows"][0]["shard"]) == 80
+    assert "gauges" not in frame["nodes"]["shard-1"]
+    for i in range(300):
+        agg.ingest(state("router", T0, f"made_up_{i}"))
+    assert len(agg.snapshot(T0 + 1)["undeclared"]) == 100

@@ -15,6 +15,7 @@ from apps.labs.patterns import (
     PatternNotFound,
     load_pattern,
     pattern_ids,
+    pattern_problems,
 )
 
 # ---- the real pattern --------------------------------------------------------------------
@@ -51,8 +52,12 @@ def test_it_loads_replicated_lb() -> None:
     ]
     assert pattern.layout.columns == (("traffic",), ("lb",), ("replica",))
     assert pattern.layout.column_of("replica") == 2
-    assert pattern.traffic is not None and pattern.traffic.rps == 20
-    assert pattern.health_check is not None and pattern.health_check.interval_s == 1.0
+    assert [(t.node, t.target, t.rps) for t in pattern.traffic] == [("traffic", "lb", 20)]
+    assert pattern.params["health_interval_s"] == 1.0
+    assert pattern.users == ("traffic",)
+    assert pattern.probes() == [{"from": "lb", "to": "replica", "route": "/health"}]
+    assert [m.id for m in pattern.observe.marks] == ["ejected"]
+    assert pattern.observe.marks[0].cleared_by == ("readmitted", "admitted")
     policy = pattern.control("policy")
     assert policy is not None and policy.node == "lb" and policy.key == "policy"
     assert policy.choices == ("round-robin", "least-connections", "random")
@@ -71,17 +76,15 @@ def test_expand_names_replicas_after_their_role() -> None:
     nodes = pattern.expand()
     assert [n.name for n in nodes] == ["replica-1", "replica-2", "replica-3", "lb", "traffic"]
     name, role, program, env = nodes[0]
-    assert (name, role, program, env) == (
-        "replica-1",
-        "replica",
-        "replica.py",
-        {"DISTLAB_REPLICA_WORK_MS": "5"},
-    )
+    assert (name, role, program) == ("replica-1", "replica", "replica.py")
+    assert env["DISTLAB_REPLICA_WORK_MS"] == "5"
+    assert "DISTLAB_TRAFFIC" not in env
     profile = json.loads(nodes[4].env["DISTLAB_TRAFFIC"])
     assert profile["target"] == "lb" and profile["rps"] == 20
-    assert profile["mix"] == [{"method": "GET", "path": "/", "weight": 1.0}]
-    checks = json.loads(nodes[3].env["DISTLAB_HEALTH_CHECK"])
-    assert checks["interval_s"] == 1.0 and checks["unhealthy_threshold"] == 1
+    assert profile["mix"] == [{"method": "GET", "path": "/", "weight": 1.0, "target": ""}]
+    for node in nodes:  # every node gets the params
+        params = json.loads(node.env["DISTLAB_PARAMS"])
+        assert params["health_interval_s"] == 1.0 and params["unhealthy_threshold"] == 1
 
     five = pattern.expand(count_overrides={"replica": 5})
     assert [n.name for n in five][:6] == [f"replica-{i}" for i in range(1, 6)] + ["lb"]
@@ -155,7 +158,7 @@ links:
 layout:
   columns: [[front], [worker]]
 traffic: {node: front, target: worker, rps: 5}
-health_check: {node: front, interval_s: 1.0}
+params: {interval_s: 1.0}
 faults: [kill, latency]
 controls:
   - {id: workers, kind: scale, role: worker}
@@ -225,10 +228,55 @@ SPEC_ERRORS = [
         13,
         "traffic.rps: must be from 0 to 200, got 500",
     ),
+    ({14: "params: {Interval: 1}"}, 14, "params: 'Interval' is not a valid name"),
+    ({14: "params: {interval_s: [1]}"}, 14, "params.interval_s: must be a number, a string"),
     (
-        {14: "health_check: {node: front, interval_s: 1, timeout_s: 2}"},
-        14,
-        "health_check.timeout_s: must be from 0.01 to 1, got 2",
+        {
+            13: "traffic: [{node: front, target: worker, rps: 5}, "
+            "{node: front, target: worker, rps: 1}]"
+        },
+        13,
+        "traffic: 'front' has two profiles",
+    ),
+    (
+        {13: "traffic: {node: front, target: worker, rps: 5, mix: [{path: /, target: ghost}]}"},
+        13,
+        "traffic.mix[0].target: unknown node 'ghost'",
+    ),
+    ({10: "  - {from: front, to: worker, route: /x}"}, 10, "links[0].route: only a probe link"),
+    ({14: "users: [front, nobody]"}, 14, "users[1]: unknown node 'nobody'"),
+    (
+        {14: "observe:\n  events:\n    - {id: started, text: x}"},
+        16,
+        "observe.events[0].id: 'started' is an event the runtime writes itself",
+    ),
+    (
+        {14: "observe:\n  events:\n    - {id: moved, text: '{n:.0f} keys moved'}"},
+        16,
+        "observe.events[0].text: {n}: name a field plainly",
+    ),
+    (
+        {14: "observe:\n  marks:\n    - {id: out, set_by: [gone], cleared_by: back}"},
+        16,
+        "observe.marks[0]: the event 'gone' is not declared in observe.events",
+    ),
+    (
+        {14: "observe:\n  gauges:\n    - {id: lag, nodes: [ghost]}"},
+        16,
+        "observe.gauges[0].nodes[0]: unknown node 'ghost'",
+    ),
+    (
+        {
+            14: "observe:\n  gauges:\n    - {id: lag, nodes: worker}\n"
+            "  states:\n    - {id: lag, values: [a], nodes: front}"
+        },
+        18,
+        "observe.states[0].id: 'lag' is declared twice",
+    ),
+    (
+        {14: "observe:\n  tables:\n    - {id: t, node: front, columns: []}"},
+        16,
+        "observe.tables[0].columns: from 1 to 8 columns",
     ),
     (
         {15: "faults: [kill, meteor]"},
@@ -312,3 +360,19 @@ def test_folders_without_a_spec_are_not_patterns(tmp_path: Path) -> None:
     (tmp_path / "Bad Name" / "pattern.yaml").write_text("title: x\n")
     assert pattern_ids(tmp_path) == []
     assert pattern_ids(tmp_path / "missing") == []
+
+
+def test_content_check_finds_declarations_no_program_reports(tmp_path: Path) -> None:
+    write_pattern(tmp_path, {14: "observe:\n  gauges:\n    - {id: depth, nodes: [worker]}"})
+    [(path, _, message)] = pattern_problems(tmp_path)
+    assert path == tmp_path / "test" / "pattern.yaml"
+    assert "the gauge 'depth' is declared but never reported" in message
+    assert "node.gauge('depth', …) in worker.py" in message
+    (tmp_path / "test" / "worker.py").write_text("def setup(node):\n    node.gauge('depth', 0)\n")
+    assert pattern_problems(tmp_path) == []
+
+
+def test_content_check_reports_a_spec_that_does_not_load(tmp_path: Path) -> None:
+    write_pattern(tmp_path, {15: "faults: [meteor]"})
+    [(path, line, message)] = pattern_problems(tmp_path)
+    assert line == 15 and "unknown fault kind 'meteor'" in message

@@ -272,32 +272,13 @@ def test_drop_on_the_balancer_loses_calls_both_ways(cluster: LocalCluster) -> No
 # ---- the spec and the telemetry ----------------------------------------------------------
 
 
-def test_the_spec_controls_match_what_the_nodes_declare(
-    cluster: LocalCluster, pattern: Pattern
-) -> None:
-    for control in pattern.controls:
-        if control.kind == "scale":
-            node_def = pattern.node_def(f"{control.role}-1")
-            assert node_def is not None
-            assert (control.min, control.max) == (node_def.min_count, node_def.max_count)
-            continue
-        assert control.node is not None and control.key is not None
-        state = cluster.ctl(control.node, {"op": "state"})
-        schema = state["config_schema"][control.key]
-        assert state["config"][control.key] == control.default, control.id
-        if control.kind == "choice":
-            assert schema["type"] == "choice" and tuple(schema["choices"]) == control.choices
-        elif control.kind == "toggle":
-            assert schema["type"] == "bool"
-        else:
-            assert (schema["min"], schema["max"]) == (control.min, control.max)
-
-
 REQUIRED = {
     "request": {"src", "dst", "method", "route", "status", "ms"},
     "call": {"src", "dst", "method", "route", "status", "ms", "error"},
     "state": {"event"},
     "traffic": {"rps", "sent", "skipped", "ok", "errors", "failed", "in_flight", "served_by"},
+    "gauges": {"values"},
+    "table": {"table", "rows"},
 }
 
 

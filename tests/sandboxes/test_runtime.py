@@ -452,13 +452,13 @@ def test_a_program_that_fails_to_set_up_exits_1_with_a_failed_event(tmp_path: Pa
         "DISTLAB_NODE": "lb",
         "DISTLAB_LISTEN": "127.0.0.1:1",
         "DISTLAB_CONTROL": str(tmp_path / "c.sock"),
-        "DISTLAB_LB_TIMEOUT_S": "soon",
+        "DISTLAB_PARAMS": "soon",
     }
     done = run_node(env, PATTERN, "balancer.py")
     assert done.returncode == 1
     event = json.loads(done.stdout)
     assert (event["type"], event["event"]) == ("state", "failed")
-    assert event["error"] == "ValueError: DISTLAB_LB_TIMEOUT_S must be a number, got 'soon'"
+    assert event["error"] == "ValueError: DISTLAB_PARAMS must be JSON, got 'soon'"
     assert "Traceback" in done.stderr
 
 

@@ -43,16 +43,17 @@ def _checks(n: int) -> str:
 
 
 def setup(node: Node) -> None:
-    timeout_s = node.env_float("DISTLAB_LB_TIMEOUT_S", 1.0)  # how long to wait for a replica
-    checks = node.env_json("DISTLAB_HEALTH_CHECK", {})  # health-check timings, pattern.yaml
-    check_path, check_timeout_s = checks.get("path", "/health"), checks.get("timeout_s", 0.5)
+    # The pattern's constants (pattern.yaml, `params`).
+    timeout_s = float(node.param("lb_timeout_s", 1.0))  # how long to wait for a replica
+    check_path = node.param("health_path", "/health")
+    check_timeout_s = float(node.param("health_timeout_s", 0.5))
 
     # The replicas we start with are trusted; scaling adds and removes some later.
     backends = {p.name: Backend(p.name, True) for p in node.peers_with_role("replica")}
 
     def admit(b: Backend, reason: str) -> None:
         b.in_rotation = True
-        node.state("readmitted" if b.was_admitted else "admitted", target=b.name, reason=reason)
+        node.event("readmitted" if b.was_admitted else "admitted", target=b.name, reason=reason)
         b.was_admitted = True
 
     # ---- live settings: the sandbox's controls change them while traffic flows ----
@@ -66,9 +67,15 @@ def setup(node: Node) -> None:
     # A change is announced by the runtime's own `config` event: no second event for it.
     node.setting("policy", "round-robin", choices=POLICIES)
     node.setting("health_checks", True, on_change=health_checks_switched)
-    node.setting("health_interval_s", float(checks.get("interval_s", 1)), minimum=0.1, maximum=60)
-    node.setting("unhealthy_threshold", checks.get("unhealthy_threshold", 1), minimum=1, maximum=10)
-    node.setting("healthy_threshold", checks.get("healthy_threshold", 2), minimum=1, maximum=10)
+    node.setting(
+        "health_interval_s", float(node.param("health_interval_s", 1.0)), minimum=0.1, maximum=60
+    )
+    node.setting(
+        "unhealthy_threshold", int(node.param("unhealthy_threshold", 1)), minimum=1, maximum=10
+    )
+    node.setting(
+        "healthy_threshold", int(node.param("healthy_threshold", 2)), minimum=1, maximum=10
+    )
 
     @node.on_peers
     def follow_replicas() -> None:
@@ -130,7 +137,7 @@ def setup(node: Node) -> None:
             if b.in_rotation and b.fails >= node.config["unhealthy_threshold"]:
                 b.in_rotation = False
                 reason = f"failed {_checks(b.fails)} in a row, last: {problem}"
-                node.state("ejected", target=b.name, reason=reason)
+                node.event("ejected", target=b.name, reason=reason)
 
     @node.task
     async def health_checker() -> None:
@@ -142,6 +149,25 @@ def setup(node: Node) -> None:
             await asyncio.sleep(next_round - loop.time())
             if node.config["health_checks"]:
                 await asyncio.gather(*(check(b) for b in list(backends.values())))
+
+    # ---- what the lab shows: the rotation as a table, and how many replicas are in it ----
+
+    @node.task
+    async def report() -> None:
+        while True:
+            rows = [
+                {
+                    "replica": b.name,
+                    "in_rotation": "yes" if b.in_rotation else "no",
+                    "in_flight": b.in_flight,
+                    "fails": b.fails,
+                    "passes": b.passes,
+                }
+                for b in sorted(backends.values(), key=lambda b: b.name)
+            ]
+            node.table("rotation", rows)
+            node.gauge("in_rotation", sum(1 for b in backends.values() if b.in_rotation))
+            await asyncio.sleep(0.5)
 
     @node.status
     def status() -> dict[str, object]:

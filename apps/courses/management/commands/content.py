@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from apps.courses.content import Problem, load_content
 from apps.courses.services import content_sync
+from apps.labs.patterns import pattern_problems
 
 
 def shown(problem: Problem) -> str:
@@ -21,7 +22,10 @@ def shown(problem: Problem) -> str:
 
 
 class Command(BaseCommand):
-    help = "Check the course content for problems, or index it into the database."
+    help = (
+        "Check the course content (and the sandbox patterns it names) for problems, or "
+        "index it into the database."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("action", choices=["check", "sync"])
@@ -35,6 +39,7 @@ class Command(BaseCommand):
             raise CommandError(f"{content_dir}: no such content folder")
         if action == "check":
             sources, problems = load_content(content_dir)
+            problems += [Problem(path, line, text) for path, line, text in pattern_problems()]
             for problem in problems:
                 self.stdout.write(shown(problem))
             if problems:

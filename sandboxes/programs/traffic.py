@@ -1,10 +1,17 @@
-"""The traffic generator: a crowd of users sending requests to the load balancer.
+"""The traffic generator: a crowd of users sending requests into the sandbox.
 
-It is open-loop, like real users: the next request leaves on schedule whether or not the
-earlier ones were answered (up to ``max_in_flight`` at once; beyond that requests are
-skipped and counted). Its ``call`` events are the client-side record: the latency and
-status each user saw. Once a second it also emits a ``traffic`` event summing up what it
-sent and which replica served it. The rate, ``rps``, can be changed live.
+Shared by every pattern (a pattern's spec names it as ``program: traffic.py`` and gives it
+a ``traffic`` profile). It is open-loop, like real users: the next request leaves on
+schedule whether or not the earlier ones were answered (up to ``max_in_flight`` at once;
+beyond that requests are skipped and counted). Its ``call`` events are the client-side
+record: the latency and status each user saw. Once a second it also emits a ``traffic``
+event summing up what it sent and who served it (the ``X-Distlab-Served-By`` header), and
+it reports how many requests it has in flight as the built-in gauge ``in_flight``. The
+rate, ``rps``, can be changed live.
+
+Each kind of request in the mix names its ``target`` (default: the profile's), its method
+and path; ``{key}`` in a path becomes a key drawn from the key space, and a PUT or POST
+carries ``{"key": …, "value": …}``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from sandboxes.runtime.node import CallError, Node
 
 def setup(node: Node) -> None:
     profile = node.env_json("DISTLAB_TRAFFIC", {})  # the traffic profile from pattern.yaml
-    target = profile.get("target", "lb")
+    target = profile.get("target", "")
     timeout_s = float(profile.get("timeout_s", 2.0))
     max_in_flight = int(profile.get("max_in_flight", 200))
     node.setting("rps", float(profile.get("rps", 20)), minimum=0, maximum=200)
@@ -44,14 +51,19 @@ def setup(node: Node) -> None:
     async def one_request() -> None:
         kind = random.choices(mix, mix_weights)[0]
         key = random.choices(keys, cum_weights=key_cumulative)[0]
-        params = {"id": str(next(request_ids)), "key": key}  # the outline's request.id
+        request_id = str(next(request_ids))
+        params = {"id": request_id, "key": key}  # the outline's request.id
+        method = kind.get("method", "GET")
+        body = {"key": key, "value": f"v{request_id}"} if method in ("PUT", "POST") else None
         try:
             reply = await node.call(
-                target,
-                kind["path"],
-                method=kind.get("method", "GET"),
+                kind.get("target") or target,
+                kind["path"].replace("{key}", key),
+                method=method,
                 params=params,
+                json=body,
                 timeout=timeout_s,
+                route=kind["path"],
             )
         except CallError:
             counts["failed"] += 1  # no answer: the call event says why
@@ -60,14 +72,15 @@ def setup(node: Node) -> None:
         served_by[reply.headers.get("X-Distlab-Served-By", "none")] += 1  # none: the lb itself
 
     async def wait_until_open() -> None:
-        """Users arrive once the service is up: wait for the target's health check."""
-        while True:
-            try:
-                if (await node.call(target, "/health", timeout=1.0)).status == 200:
-                    return
-            except CallError:
-                pass
-            await asyncio.sleep(0.2)
+        """Users arrive once the service is up: wait for every target's health check."""
+        for name in sorted({k.get("target") or target for k in mix}):
+            while True:
+                try:
+                    if (await node.call(name, "/health", timeout=1.0)).status == 200:
+                        break
+                except CallError:
+                    pass
+                await asyncio.sleep(0.2)
 
     @node.task
     async def drive() -> None:
@@ -100,6 +113,7 @@ def setup(node: Node) -> None:
     async def summarise() -> None:
         while True:
             await asyncio.sleep(1.0)
+            node.gauge("in_flight", len(in_flight))
             if counts or in_flight:
                 totals = {k: counts[k] for k in ("sent", "skipped", "ok", "errors", "failed")}
                 node.emit(
