@@ -51,13 +51,19 @@ EVENTS = "labs/sandbox.html#events"
 SUPERVISOR_MESSAGES = {"sandbox.frame": "sandbox_frame", "sandbox.event": "sandbox_event"}
 UNKNOWN_MESSAGE = 'Unknown message: the only message accepted is {"type": "ping"}.'
 BAD_JSON = "Messages must be JSON objects."
+# An event's ``severity`` that the log marks (absent: info, unmarked).
+SEVERITIES = {"warning": "Warning", "error": "Error"}
 
 
 def _event_context(event: Mapping[str, Any]) -> dict[str, Any]:
     ts = event.get("ts")
     when = datetime.fromtimestamp(ts, UTC) if isinstance(ts, int | float) else None
+    severity = event.get("severity")
+    severity = severity if isinstance(severity, str) and severity in SEVERITIES else ""
     return {
         "kind": str(event.get("kind", "")),
+        "severity": severity,
+        "severity_label": SEVERITIES.get(severity, ""),
         "node": str(event.get("node") or ""),
         "text": str(event.get("text", "")),
         "ts": ts if when else "",

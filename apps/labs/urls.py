@@ -8,6 +8,7 @@ app_name = "labs"
 
 urlpatterns = [
     path("launch/<slug:pattern>/", views.sandbox_launch, name="launch"),
+    path("patterns/<slug:pattern>/code/<str:program>/", views.program_source, name="program"),
     path("<str:sandbox_id>/", views.sandbox_detail, name="sandbox"),
     path("<str:sandbox_id>/stop/", views.sandbox_stop, name="stop"),
     path("<str:sandbox_id>/extend/", views.sandbox_extend, name="extend"),

@@ -6,14 +6,18 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
+from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 from django_htmx.http import reswap, retarget
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import PythonLexer
 
 from apps.accounts.http import AuthedHttpRequest
 from apps.labs import selectors, services
 from apps.labs.engine import EngineError, get_engine
 from apps.labs.models import Fault, Sandbox
-from apps.labs.patterns import Pattern, load_pattern, pattern_ids
+from apps.labs.patterns import Pattern, PatternError, load_pattern, pattern_ids, program_path
 
 PANEL = "labs/sandbox.html#panel"
 STATUS = "labs/sandbox.html#status"
@@ -56,6 +60,10 @@ def panel_context(
     if sandbox is not None and sandbox.state == Sandbox.State.RUNNING:
         spec = load_pattern(sandbox.pattern)
         context["topology"] = topology(spec, sandbox)
+        context["programs"] = [
+            {"program": program, "nodes": [d.name for d in spec.nodes if d.program == program]}
+            for program in dict.fromkeys(d.program for d in spec.nodes)
+        ]
         context.update(faults_context(sandbox, spec))
         context.update(controls_context(sandbox, spec))
     return {**context, **extra}
@@ -311,3 +319,31 @@ def sandbox_controls(request: AuthedHttpRequest, sandbox_id: str) -> HttpRespons
     context = {"sandbox": sandbox, "control_message": message}
     context.update(controls_context(sandbox))
     return render(request, CONTROLS, context, status=400 if message else 200)
+
+
+_CODE_FORMATTER = HtmlFormatter(cssclass="highlight", wrapcode=True, linenos="table")
+
+
+@require_safe
+@login_required
+def program_source(request: AuthedHttpRequest, pattern: str, program: str) -> HttpResponse:
+    """A node program of a pattern, read-only and highlighted: learners read the code that
+    runs in their sandbox. Only the programs the pattern's nodes run are shown."""
+    try:
+        spec = load_pattern(pattern)
+    except PatternError:
+        raise Http404("No such pattern.") from None
+    runs = [n.name for n in spec.nodes if n.program == program]
+    if not runs:
+        raise Http404("No such program in this pattern.")
+    source = program_path(spec, program).read_text(encoding="utf-8")
+    context = {
+        "pattern": spec,
+        "program": program,
+        "nodes": runs,
+        "shared": not (spec.folder / program).is_file(),
+        "code": mark_safe(highlight(source, PythonLexer(), _CODE_FORMATTER)),  # noqa: S308 - Pygments escapes the source
+        "lines": source.count("\n") + 1,
+        "programs": sorted({n.program for n in spec.nodes}),
+    }
+    return render(request, "labs/program.html", context)

@@ -11,8 +11,9 @@ import pytest
 from django.db import connections
 
 from tests.conftest import require
+from tests.e2e.platform import ARTIFACTS, INSTANCE, Platform
+from tests.labs.engine.conftest import docker_engine
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM_ARGS = [
     "--headless=new",
     "--no-sandbox",
@@ -64,3 +65,24 @@ def shot(page, name: str, full_page: bool = False) -> Path:  # type: ignore[no-u
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=full_page)
     return path
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    """A running platform; every sandbox it made is removed afterwards, whatever happened."""
+    from apps.labs.engine.docker import DockerEngine
+
+    docker_engine()  # a Docker engine and the sandbox image (required in CI)
+    running = Platform(tmp_path)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+        output = running.output()
+        running.log.close()
+        engine = DockerEngine(instance=INSTANCE)
+        for info in engine.list_sandboxes():
+            engine.destroy(info.sandbox_id)
+        print(output[-4000:])  # shown when the test fails
+        assert "Traceback" not in output, output[-4000:]

@@ -5,121 +5,17 @@ tests/e2e/artifacts/ (40-…)."""
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
 from apps.accounts.models import User
 from apps.labs.models import ExperimentRun, Sandbox
-from tests.conftest import REPO, shared_test_database_url
-from tests.e2e.conftest import ARTIFACTS
+from tests.e2e.platform import INSTANCE, PASSWORD, STATE_UP, node, shot
 from tests.e2e.test_sandbox_panel import sign_in
-from tests.labs.engine.conftest import docker_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-PASSWORD = "a-long-enough-passphrase-1"
-INSTANCE = f"e2e-lab-{os.getpid()}"
-STATE_UP = re.compile(r"\bstate-up\b")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Platform:
-    """`manage.py serve` on the test database with the Docker engine, as a process that a
-    test can restart (on the same port: open pages reconnect to it)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "SANDBOX_ENGINE"}}
-        self.env.update(
-            DEBUG="true",
-            DATABASE_URL=shared_test_database_url(),
-            SANDBOX_ENGINE="docker",
-            SANDBOX_INSTANCE=INSTANCE,
-            DISTLAB_VAR_DIR=str(folder),
-        )
-        self.log = (folder / "serve.log").open("a")
-        self.server: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.server = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(self.port)],
-            cwd=REPO,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.base}/", timeout=2).close()
-                return
-            except OSError:
-                assert self.server.poll() is None, self.output()
-                assert time.monotonic() < deadline, "serve did not answer within 60 s"
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.server is None:
-            return
-        self.server.terminate()
-        try:
-            self.server.wait(30)
-        except subprocess.TimeoutExpired:
-            self.server.kill()
-            self.server.wait(10)
-        self.server = None
-
-    def output(self) -> str:
-        self.log.flush()
-        return (self.folder / "serve.log").read_text()
-
-
-@pytest.fixture
-def platform(tmp_path: Path) -> Iterator[Platform]:
-    """A running platform; every sandbox it made is removed afterwards, whatever happened."""
-    from apps.labs.engine.docker import DockerEngine
-
-    docker_engine()  # a Docker engine and the sandbox image (required in CI)
-    running = Platform(tmp_path)
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
-        output = running.output()
-        running.log.close()
-        engine = DockerEngine(instance=INSTANCE)
-        for info in engine.list_sandboxes():
-            engine.destroy(info.sandbox_id)
-        print(output[-4000:])  # shown when the test fails
-        assert "Traceback" not in output, output[-4000:]
-
-
-def shot(page: Page, name: str) -> None:
-    """The whole sandbox panel (graph, charts, forms and log), whatever the viewport (the
-    sticky site header would otherwise be drawn across it)."""
-    page.add_style_tag(content=".site-header { position: static; }")
-    page.locator("#sandbox").screenshot(path=str(ARTIFACTS / f"{name}.png"))
-
-
-def node(page: Page, name: str):  # type: ignore[no-untyped-def]
-    return page.locator(f'g.gnode[data-node="{name}"]')
 
 
 def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, platform: str) -> None:  # type: ignore[no-untyped-def]
@@ -148,6 +44,16 @@ def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, plat
         "parseFloat(document.querySelector('[data-stat=rps]').textContent) >= 15"
     )
     expect(page.get_by_test_id("event-log")).to_contain_text("lb started")
+    # What the pattern declares it observes: its mark in the legend, the balancer's gauge
+    # under its node, its rotation table in the Pattern state panel.
+    expect(page.get_by_test_id("legend-mark-ejected")).to_have_text("⚑ ejected")
+    in_rotation = page.locator('[data-extras-for="lb"] [data-gauge="in_rotation"] text')
+    expect(in_rotation).to_have_text("Replicas in rotation 3")
+    rotation = page.get_by_test_id("pattern-table-rotation")
+    expect(rotation.locator("caption")).to_contain_text("The balancer's rotation")
+    expect(rotation.locator("tbody th")).to_have_text(["replica-1", "replica-2", "replica-3"])
+    row = rotation.locator("tbody tr").nth(1)  # replica-2's
+    expect(row.locator("td").first).to_have_text("yes")
     shot(page, "40-lab-running")
 
     # More traffic (a live control), so that requests reach replica-2 between its death
@@ -181,6 +87,13 @@ def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, plat
     )
     shot(page, "41-lab-replica-killed")
     expect(page.get_by_test_id("event-log")).to_contain_text("lb ejected replica-2")
+    warning = page.locator('#event-log [data-severity="warning"]', has_text="ejected replica-2")
+    expect(warning.locator(".event-severity").first).to_have_text("⚠Warning:")
+    # The rotation table says so too: replica-2's row is out of rotation, marked killed.
+    expect(row).to_have_attribute("data-node-state", "killed")
+    expect(row.locator("th")).to_have_text("replica-2 ✕ killed")
+    expect(row.locator("td").first).to_have_text("no")
+    expect(in_rotation).to_have_text("Replicas in rotation 2")
     expect(page.get_by_test_id("stat-errors")).to_have_text("0.0 %", timeout=10_000)
     shot(page, "42-lab-errors-over")
 
@@ -188,8 +101,13 @@ def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, plat
     expect(page.get_by_test_id("event-log")).to_contain_text(
         "kill fault on replica-2 cleared", timeout=20_000
     )
-    expect(page.get_by_test_id("event-log")).to_contain_text("lb re-admitted replica-2")
+    # (after the replica's process is back, which on a busy machine takes a few seconds)
+    expect(page.get_by_test_id("event-log")).to_contain_text(
+        "lb re-admitted replica-2", timeout=15_000
+    )
     expect(node(page, "replica-2")).to_have_class(STATE_UP, timeout=10_000)
+    expect(row).not_to_have_attribute("data-node-state", re.compile(".*"))
+    expect(row.locator("td").first).to_have_text("yes")
     expect(page.get_by_test_id("active-fault")).to_have_count(0)
     shot(page, "43-lab-replica-back")
 

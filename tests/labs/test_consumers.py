@@ -295,3 +295,19 @@ async def test_frames_do_not_queue_for_the_database_thread(learner: User, socket
         await busy
     assert await ws.receive_nothing()
     await ws.disconnect()
+
+
+async def test_it_marks_warning_and_error_events_in_the_log() -> None:
+    from apps.labs.consumers import render_event, render_events
+
+    base = {"type": "event", "v": 1, "ts": 1764170000.5, "node": "lb", "kind": "ejected"}
+    warning = render_event({**base, "text": "lb ejected replica-2", "severity": "warning"})
+    assert 'data-severity="warning"' in warning and "event-is-warning" in warning
+    marker = '<span aria-hidden="true">⚠</span><span class="visually-hidden">Warning:</span>'
+    assert marker in warning
+    error = render_events([{**base, "text": "lb lost its shard map", "severity": "error"}])
+    assert 'data-severity="error"' in error and "✖" in error and "Error:" in error
+    # Info (no severity) and anything unknown are not marked.
+    for severity in (None, "info", "<b>"):
+        plain = render_event({**base, "text": "lb admitted replica-4", "severity": severity})
+        assert "data-severity" not in plain and "event-severity" not in plain

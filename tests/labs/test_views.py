@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import re
+from html import unescape
+
 import pytest
 from django.test import Client
 from django.urls import reverse
@@ -172,6 +175,16 @@ def test_the_running_panel_is_the_live_lab(sandbox: Sandbox, learner: User) -> N
     assert 'id="event-log"' in html
     assert "replica-3</option>" in html  # every node can be picked for a fault
     assert 'data-testid="control-policy"' in html
+    # What the pattern observes: its mark in the legend (the pattern's label), a panel for
+    # its state and a chart for its gauges (the page fills them from the stream).
+    mark = '<span class="legend-mark" aria-hidden="true">⚑</span> ejected</li>'
+    assert f'data-testid="legend-mark-ejected">{mark}' in html
+    assert 'data-testid="pattern-state"' in html
+    assert 'data-testid="chart-gauge"' in html
+    # Each program the nodes run is one click away, with the nodes that run it.
+    code = reverse("labs:program", args=["replicated-lb", "balancer.py"])
+    assert f'<a href="{code}" target="_blank" rel="noopener"><code>balancer.py</code></a>' in html
+    assert "(replica)" in html and "(lb)" in html
 
 
 def test_the_owner_injects_a_fault_and_sees_its_countdown(
@@ -285,3 +298,40 @@ def test_a_stopped_sandbox_answers_with_the_whole_panel(sandbox: Sandbox, learne
     html = response.content.decode()
     assert 'id="sandbox-box"' in html and "Stopping" in html
     assert not Fault.objects.exists()
+
+
+# ---- the code a sandbox runs ------------------------------------------------------------
+
+
+def test_it_shows_a_patterns_program_read_only_and_highlighted(learner: User) -> None:
+    response = client_for(learner).get(
+        reverse("labs:program", args=["replicated-lb", "balancer.py"])
+    )
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'data-testid="program-code"' in html and 'class="highlight"' in html
+    text = unescape(re.sub(r"<[^>]+>", "", html))
+    assert "def setup(node: Node) -> None:" in text  # the program, as the node runs it
+    assert "node <code>lb</code> runs" in html
+    shared = client_for(learner).get(reverse("labs:program", args=["replicated-lb", "traffic.py"]))
+    assert shared.status_code == 200 and "Several patterns share it." in shared.content.decode()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "program"),
+    [
+        ("replicated-lb", "settings.py"),  # not a program of the pattern
+        ("replicated-lb", "..%2F..%2Fmanage.py"),
+        ("nothing-here", "balancer.py"),
+    ],
+)
+def test_only_the_patterns_own_programs_are_shown(
+    learner: User, pattern: str, program: str
+) -> None:
+    url = f"/sandboxes/patterns/{pattern}/code/{program}/"
+    assert client_for(learner).get(url).status_code == 404
+
+
+def test_reading_code_needs_a_sign_in() -> None:
+    response = Client().get(reverse("labs:program", args=["replicated-lb", "replica.py"]))
+    assert response.status_code == 302

@@ -15,6 +15,7 @@
   var MAX_EVENTS = 200;
   var STALE_MS = 3000; // no frame for this long: the stream is not live
   var NODE_H = 62;
+  var LINE_H = 16; // one line of a node's states and gauges, under its box
   // Close codes from apps/labs/consumers.py.
   var CLOSE_TEXT = {
     4401: "Signed out: sign in again to watch this sandbox.",
@@ -22,13 +23,15 @@
     4413: "The page sent a message that was too big; reconnecting…",
     4429: "The page sent too many messages; reconnecting…",
   };
+  // The platform's node states; a pattern's marks (a state one node puts on another,
+  // `observe.marks`) share one look, with the label the pattern gives them.
   var STATES = {
     up: { icon: "●", label: "up" },
-    ejected: { icon: "◐", label: "ejected" },
     paused: { icon: "❚❚", label: "paused" },
     partitioned: { icon: "⟂", label: "partitioned" },
     killed: { icon: "✕", label: "killed" },
   };
+  var MARK_ICON = "⚑";
   // Which event kinds change what the fault and control forms show.
   var FAULT_EVENTS = { fault: 1, fault_cleared: 1, down: 1, up: 1, paused: 1, resumed: 1, added: 1, removed: 1 };
   var CONTROL_EVENTS = { policy: 1, config: 1, added: 1, removed: 1 };
@@ -53,6 +56,39 @@
     return Number(value).toFixed(digits) + (unit || "");
   }
 
+  // A number a node reported (a gauge, a table cell), as a person would write it.
+  function number(value) {
+    if (value === null || value === undefined) return "–";
+    if (typeof value !== "number") return String(value);
+    if (!isFinite(value)) return "–";
+    var size = Math.abs(value);
+    var digits = Number.isInteger(value) || size >= 100 ? 0 : size >= 10 ? 1 : 2;
+    return String(Number(value.toFixed(digits)));
+  }
+
+  function withUnit(text, unit) {
+    if (!unit || text === "–") return text;
+    return text + (/^[%/]/.test(unit) ? "" : " ") + unit;
+  }
+
+  // Width of an SVG text in pixels (an estimate while the graph is not laid out).
+  function textWidth(node) {
+    var width = 0;
+    try { width = node.getComputedTextLength(); } catch (e) { width = 0; }
+    return width || (node.textContent || "").length * 6.5;
+  }
+
+  // Cut `part` (a text or tspan inside `whole`) with an ellipsis until `whole` is at most
+  // `room` pixels wide; `full` is the uncut text of `part`.
+  function fitText(whole, part, full, room) {
+    part.textContent = full;
+    var over = textWidth(whole) - room;
+    if (over <= 0 || !full) return;
+    var perChar = textWidth(part) / full.length || 6.5;
+    var keep = Math.max(1, full.length - Math.ceil(over / perChar) - 1);
+    part.textContent = full.slice(0, keep).replace(/\s+$/, "") + "…";
+  }
+
   function clock(seconds) {
     return new Date(seconds * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
   }
@@ -67,6 +103,13 @@
     this.panelUrl = root.getAttribute("data-panel-url");
     var topology = JSON.parse(document.getElementById("lab-topology").textContent);
     this.layout = topology;
+    var observe = topology.observe || {};
+    this.observe = {
+      marks: observe.marks || [], gauges: observe.gauges || [], states: observe.states || [], tables: observe.tables || [],
+    };
+    this.marks = {}; // mark id → its spec
+    for (var mi = 0; mi < this.observe.marks.length; mi++) this.marks[this.observe.marks[mi].id] = this.observe.marks[mi];
+    this.tables = []; // the last frame's pattern tables
     this.nodes = {}; // name → {role, state, stats}
     for (var name in topology.nodes) this.nodes[name] = { role: topology.nodes[name].role, state: "up", stats: null };
     this.links = {}; // "src>dst" → stats
@@ -86,6 +129,7 @@
     this.graph = root.querySelector("[data-lab-graph]");
     this.build();
     this.bind();
+    this.buildPatternState();
     this.makeCharts();
     var self = this;
     this.ticker = setInterval(function () { self.tick(); }, 1000);
@@ -152,6 +196,7 @@
     root.addEventListener("change", function (event) {
       if (event.target.matches("[data-lab-scope]")) {
         self.scope = event.target.value;
+        self.showScope();
         self.chartsDirty = true;
       }
       if (event.target.matches("[data-fault-kind]")) self.showFaultFields();
@@ -216,8 +261,10 @@
     for (var key in this.totals) this.totals[key].splice(keep);
     for (var name2 in this.perNode) for (var m in this.perNode[name2]) this.perNode[name2][m].splice(keep);
     for (var i = 0; i < history.length; i++) this.push(history[i].ts, history[i].totals, history[i].nodes);
+    if (snapshot.tables) this.tables = snapshot.tables;
     if (snapshot.frame) this.applyFrame(snapshot.frame, false);
     this.build();
+    this.updatePatternState();
     this.chartsDirty = true;
     this.tick();
   };
@@ -236,9 +283,11 @@
     }
     this.links = frame.links || {};
     this.faults = frame.faults || [];
+    if (frame.tables) this.tables = frame.tables;
     if (changed) this.build();
     this.updateGraph();
     this.updateStats(frame.totals);
+    this.updatePatternState();
     if (live) {
       this.lastFrameAt = Date.now();
       this.push(frame.ts, frame.totals, frame.nodes);
@@ -249,7 +298,11 @@
 
   Lab.prototype.applyEvent = function (event) {
     var self = this;
-    if (event.node && this.nodes[event.node] && event.kind === "down") this.nodes[event.node].state = "killed";
+    if (event.node && this.nodes[event.node] && event.kind === "down" && this.nodes[event.node].state !== "killed") {
+      this.nodes[event.node].state = "killed";
+      this.updateLists();
+      this.updatePatternState();
+    }
     if (FAULT_EVENTS[event.kind]) this.refreshSoon("#lab-faults");
     if (CONTROL_EVENTS[event.kind]) this.refreshSoon("#lab-controls");
     if (event.kind === "sandbox_ended") this.ended = true;
@@ -321,18 +374,45 @@
     var VIEW_W = Math.max(280, Math.min(1000, Math.round(svg.clientWidth || 600)));
     this.drawnWidth = VIEW_W;
     var NODE_W = Math.round(Math.max(84, Math.min(144, VIEW_W / Math.max(1, columns.length) - 60)));
+    // A node's declared states and gauges go under its box, one line each (a gauge takes
+    // two, label then value, where one is too narrow for both): its place keeps that room
+    // free below the box, and as much above, so boxes stay centred.
+    var room = {}; // how wide a node's lines under its box may be
+    var extras = {}, below = {};
+    for (var ci = 0; ci < columns.length; ci++) {
+      for (var ri = 0; ri < columns[ci].length; ri++) {
+        var name = columns[ci][ri];
+        // Across, the links' labels sit between the columns: stay clear of them (a
+        // narrow graph has none: see distlab.css).
+        room[name] = across
+          ? Math.min(VIEW_W / columns.length - (VIEW_W < 480 ? 4 : 12), VIEW_W < 480 ? Infinity : NODE_W + 44)
+          : VIEW_W / columns[ci].length - 12;
+        extras[name] = this.extrasOf(name);
+        var lines = 0;
+        for (var xi = 0; xi < extras[name].length; xi++) {
+          var extra = extras[name][xi];
+          extra.split = extra.kind === "gauge" && this.measure(extra.spec.label + " 0000 " + (extra.spec.unit || "")) > room[name];
+          lines += extra.split ? 2 : 1;
+        }
+        below[name] = lines ? lines * LINE_H + 6 : 0;
+      }
+    }
+    var slot = function (column) {
+      return Math.max.apply(null, column.map(function (n) { return NODE_H + 14 + 2 * below[n]; }));
+    };
     // As tall as the longest column needs (six replicas fit), so a small graph is not
     // lost in a big box; it changes only when nodes are added or removed.
-    var most = Math.max.apply(null, columns.map(function (c) { return c.length; }).concat([1]));
-    var VIEW_H = across ? Math.max(170, most * (NODE_H + 14) + 20) : Math.max(260, columns.length * 96);
+    var VIEW_H = across
+      ? Math.max(170, Math.max.apply(null, columns.map(function (c) { return c.length * slot(c); })) + 20)
+      : Math.max(260, columns.length * Math.max(96, Math.max.apply(null, columns.map(function (c) { return slot(c) + 20; }))));
     svg.setAttribute("viewBox", "0 0 " + VIEW_W + " " + VIEW_H);
     this.pos = {};
-    for (var ci = 0; ci < columns.length; ci++) {
-      var col = columns[ci];
-      for (var ri = 0; ri < col.length; ri++) {
-        var major = ((ci + 0.5) / columns.length) * (across ? VIEW_W : VIEW_H);
-        var minor = ((ri + 0.5) / col.length) * (across ? VIEW_H : VIEW_W);
-        this.pos[col[ri]] = across ? { x: major, y: minor } : { x: minor, y: major };
+    for (var cj = 0; cj < columns.length; cj++) {
+      var col = columns[cj];
+      for (var rj = 0; rj < col.length; rj++) {
+        var major = ((cj + 0.5) / columns.length) * (across ? VIEW_W : VIEW_H);
+        var minor = ((rj + 0.5) / col.length) * (across ? VIEW_H : VIEW_W);
+        this.pos[col[rj]] = across ? { x: major, y: minor } : { x: minor, y: major };
       }
     }
     this.edges = [];
@@ -362,9 +442,12 @@
       var t0 = exitAt(p, q, NODE_W, NODE_H), t1 = 1 - exitAt(q, p, NODE_W, NODE_H);
       var tm = (t0 + t1) / 2;
       var mx = p.x + (q.x - p.x) * tm, my = p.y + (q.y - p.y) * tm;
+      // A wider invisible line under the pointer, for the link's figures (its title).
+      el("line", { x1: p.x, y1: p.y, x2: q.x, y2: q.y, class: "edge-hit" }, g);
       var label = el("text", { x: mx, y: my - 6, "text-anchor": "middle", class: "edge-label" }, g);
       var errLabel = el("text", { x: mx, y: my + 15, "text-anchor": "middle", class: "edge-label edge-errors" }, g);
-      this.edgeEls[edge.src + ">" + edge.dst] = { g: g, line: line, label: label, errLabel: errLabel };
+      var edgeTip = el("title", {}, g);
+      this.edgeEls[edge.src + ">" + edge.dst] = { g: g, line: line, label: label, errLabel: errLabel, tip: edgeTip };
     }
     this.nodeEls = {};
     for (var n in this.pos) {
@@ -380,10 +463,72 @@
       var stats = el("text", { x: NODE_W - 7, y: 38, class: "gnode-stats", "text-anchor": "end" }, box);
       var detail = el("text", { x: 9, y: 54, class: "gnode-detail" }, box);
       var tip = el("title", {}, box);
-      this.nodeEls[n] = { g: box, rect: rect, state: state, stats: stats, detail: detail, tip: tip };
+      this.nodeEls[n] = { g: box, rect: rect, state: state, stats: stats, detail: detail, tip: tip, extras: [] };
+      // Its states (badges) and gauges (small figures), under the box.
+      if (!extras[n].length) continue;
+      var under = el("g", {
+        class: "gnode-extras", transform: "translate(" + at.x + "," + (at.y + NODE_H / 2) + ")", "data-extras-for": n,
+      }, this.layers.nodes);
+      var baseline = 0;
+      for (var k = 0; k < extras[n].length; k++) {
+        var what = extras[n][k];
+        baseline += LINE_H;
+        var line = el("g", { class: "extra-" + what.kind }, under);
+        line.setAttribute("data-" + what.kind, what.spec.id);
+        var item = { kind: what.kind, spec: what.spec, room: room[n], split: what.split, g: line };
+        if (what.kind === "state") item.pill = el("rect", { class: "gnode-badge", y: baseline - 12, height: 16, rx: 8 }, line);
+        item.text = el("text", { x: 0, y: baseline, "text-anchor": "middle" }, line);
+        item.label = el("tspan", { class: "gnode-extra-label" }, item.text);
+        item.text.appendChild(document.createTextNode(" "));
+        if (what.split) baseline += LINE_H;
+        item.value = el("tspan", what.split ? { class: "gnode-extra-value", x: 0, y: baseline } : { class: "gnode-extra-value" }, item.text);
+        item.tip = el("title", {}, line);
+        this.nodeEls[n].extras.push(item);
+      }
     }
     this.updateGraph();
     this.updateLists();
+  };
+
+  // How wide a line under a node would be, in pixels (drawn as those lines are, then
+  // removed; an estimate while the graph is not laid out).
+  Lab.prototype.measure = function (text) {
+    var probe = el("g", { class: "gnode-extras", visibility: "hidden" }, this.graph);
+    var line = el("text", {}, probe);
+    line.textContent = text;
+    var width = textWidth(line);
+    probe.remove();
+    return width;
+  };
+
+  // How a node state reads: icon, label and the class its box gets. A pattern's marks
+  // share one look and take their label from the pattern.
+  Lab.prototype.stateOf = function (state) {
+    if (STATES[state]) return { icon: STATES[state].icon, label: STATES[state].label, cls: state };
+    var mark = this.marks[state];
+    return { icon: MARK_ICON, label: mark ? mark.label : String(state || "?"), cls: "mark" };
+  };
+
+  // What a node shows under its box: its declared states (badges), then its gauges.
+  Lab.prototype.extrasOf = function (name) {
+    var self = this, out = [];
+    var covers = function (spec) {
+      return (spec.nodes || []).some(function (ref) { return self.matches(name, ref); });
+    };
+    this.observe.states.forEach(function (x) { if (covers(x)) out.push({ kind: "state", spec: x }); });
+    this.observe.gauges.forEach(function (g) { if (covers(g)) out.push({ kind: "gauge", spec: g }); });
+    return out;
+  };
+
+  // A node's declared state or gauge now: [label, value as text], value null when unknown.
+  Lab.prototype.extraText = function (name, extra) {
+    var s = this.nodes[name] && this.nodes[name].stats;
+    if (extra.kind === "state") {
+      var state = s && s.states ? s.states[extra.spec.id] : undefined;
+      return [extra.spec.label + ":", state === undefined || state === null ? null : String(state)];
+    }
+    var value = s && s.gauges ? s.gauges[extra.spec.id] : undefined;
+    return [extra.spec.label, value === undefined || value === null ? null : withUnit(number(value), extra.spec.unit)];
   };
 
   Lab.prototype.updateGraph = function () {
@@ -391,9 +536,10 @@
       var node = this.nodes[n];
       if (!node) continue;
       var els = this.nodeEls[n];
-      var st = STATES[node.state] || STATES.up;
-      els.g.setAttribute("class", "gnode state-" + node.state + (this.selected === n ? " is-selected" : "") +
+      var st = this.stateOf(node.state);
+      els.g.setAttribute("class", "gnode state-" + st.cls + (this.selected === n ? " is-selected" : "") +
         (this.hasFault(n) ? " has-fault" : ""));
+      els.g.setAttribute("data-state", node.state);
       els.state.textContent = st.icon + " " + st.label;
       var s = node.stats;
       // Only an up node's rate: the other states' labels need the room (and it is ~0).
@@ -403,9 +549,27 @@
       els.detail.textContent = s && node.state !== "killed" && s.in_flight !== null && s.in_flight !== undefined
         ? fmt(s.in_flight, s.in_flight < 10 ? 1 : 0) + " in flight"
         : "";
-      els.tip.textContent = n + " (" + node.role + "): " + st.label +
+      var tip = n + " (" + node.role + "): " + st.label +
         (s ? ", " + fmt(s.rps, 1, " req/s") + ", " + fmt(s.error_pct, 1, "% errors") + ", p50 " + fmt(s.p50_ms, 0, " ms") +
           ", p99 " + fmt(s.p99_ms, 0, " ms") + ", " + fmt(s.in_flight, 1) + " in flight" : "");
+      // Its states and gauges: what it reported last (dimmed when it cannot report now).
+      var quiet = node.state === "killed" || node.state === "paused";
+      for (var i = 0; i < els.extras.length; i++) {
+        var item = els.extras[i];
+        var parts = this.extraText(n, item);
+        var value = parts[1] === null ? "–" : parts[1];
+        item.value.textContent = value;
+        fitText(item.split ? item.label : item.text, item.label, parts[0], item.room - (item.pill ? 14 : 0));
+        item.tip.textContent = parts[0] + " " + value + (quiet ? " (last reported)" : "");
+        item.g.setAttribute("class", "extra-" + item.kind + (quiet || parts[1] === null ? " is-quiet" : ""));
+        if (item.pill) {
+          var width = textWidth(item.text) + 14;
+          item.pill.setAttribute("x", String(-width / 2));
+          item.pill.setAttribute("width", String(width));
+        }
+        tip += ", " + parts[0] + " " + value;
+      }
+      els.tip.textContent = tip;
     }
     for (var key in this.edgeEls) {
       var link = this.links[key];
@@ -416,6 +580,10 @@
       e.line.setAttribute("stroke-width", String(1.5 + Math.min(5, Math.sqrt(rps || 0) / 2)));
       e.label.textContent = rps > 0 ? fmt(rps, rps < 10 ? 1 : 0, "/s") : "";
       e.errLabel.textContent = rps > 0 && errs > 0 ? fmt(errs, 0, "% err") : "";
+      e.tip.textContent = key.replace(">", " → ") + ": " + (link && rps > 0
+        ? fmt(rps, 1, " req/s") + ", " + fmt(errs, 1, "% errors") + ", p50 " + fmt(link.p50_ms, 0, " ms") +
+          ", p99 " + fmt(link.p99_ms, 0, " ms")
+        : "no requests now");
     }
   };
 
@@ -426,28 +594,41 @@
   };
 
   Lab.prototype.updateLists = function () {
+    var names = Object.keys(this.nodes).sort(natural);
     var scope = this.root.querySelector("[data-lab-scope]");
     if (scope) {
-      var wanted = Object.keys(this.nodes).sort(natural);
-      var have = Array.prototype.slice.call(scope.options, 1).map(function (o) { return o.value; });
-      if (wanted.join() !== have.join()) {
-        while (scope.options.length > 1) scope.remove(1);
-        for (var i = 0; i < wanted.length; i++) scope.add(new Option("node " + wanted[i], wanted[i]));
-        scope.value = this.nodes[this.scope] ? this.scope : "";
-        this.scope = scope.value;
+      // What the charts can show: the whole sandbox, one node, or a gauge of the
+      // pattern's (one line per node that reports it).
+      var gauges = this.observe.gauges;
+      var wanted = names.join() + "|" + gauges.map(function (g) { return g.id; }).join();
+      if (scope.getAttribute("data-options") !== wanted) {
+        while (scope.children.length > 1) scope.removeChild(scope.lastChild);
+        var group = document.createElement("optgroup");
+        group.label = "One node";
+        for (var i = 0; i < names.length; i++) group.appendChild(new Option("node " + names[i], names[i]));
+        scope.appendChild(group);
+        if (gauges.length) {
+          group = document.createElement("optgroup");
+          group.label = "The pattern's figures, per node";
+          for (var g = 0; g < gauges.length; g++) group.appendChild(new Option(gauges[g].label, "gauge:" + gauges[g].id));
+          scope.appendChild(group);
+        }
+        scope.setAttribute("data-options", wanted);
+        scope.value = this.nodes[this.scope] || this.gaugeOfScope() ? this.scope : "";
+        if (scope.value !== this.scope) { this.scope = scope.value; this.showScope(); }
       }
     }
     var list = this.root.querySelector("[data-lab-nodes]");
     if (list) {
-      var html = "";
-      var names = Object.keys(this.nodes).sort(natural);
+      list.textContent = "";
       for (var j = 0; j < names.length; j++) {
         var node = this.nodes[names[j]];
-        html += '<li class="node node-' + (node.state === "up" ? "running" : node.state) + '" data-node="' + names[j] +
-          '"><code>' + names[j] + '</code> <span class="hint">' + node.role + '</span> <span class="node-state">' +
-          (STATES[node.state] || STATES.up).label + "</span></li>";
+        var st = this.stateOf(node.state);
+        var item = make("li", "node node-live node-" + st.cls, null, list);
+        item.setAttribute("data-node", names[j]);
+        item.append(make("code", null, names[j]), " ", make("span", "hint", node.role || ""), " ",
+          make("span", "node-state", st.icon + " " + st.label));
       }
-      list.innerHTML = html;
     }
   };
 
@@ -500,6 +681,148 @@
     }
   };
 
+  // --- the pattern's own state: its tables, and its nodes' states and gauges in text ------
+
+  function make(tag, cls, text, parent) {
+    var node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined && text !== null) node.textContent = text;
+    if (parent) parent.appendChild(node);
+    return node;
+  }
+
+  // The panel's frame, from what the pattern declares; rows come with frames.
+  Lab.prototype.buildPatternState = function () {
+    var box = this.root.querySelector("[data-pattern-state]");
+    if (!box) return;
+    box.textContent = "";
+    this.stateEls = { figures: null, tables: [] };
+    if (this.observe.gauges.length || this.observe.states.length) {
+      this.stateEls.figures = make("ul", "pstate-figures", null, box);
+      this.stateEls.figures.setAttribute("data-testid", "pattern-figures");
+      this.stateEls.figuresKey = null;
+    }
+    for (var i = 0; i < this.observe.tables.length; i++) {
+      var spec = this.observe.tables[i];
+      var wrap = make("div", "pstate-table", null, box);
+      wrap.setAttribute("data-table", spec.id);
+      wrap.setAttribute("data-testid", "pattern-table-" + spec.id);
+      var table = make("table", null, null, wrap);
+      var caption = make("caption", null, spec.label, table);
+      var from = make("span", "hint pstate-from", null, caption);
+      // A role's table is kept by each of its nodes: a column says whose row it is.
+      var byRole = !(spec.node in this.nodes);
+      var head = make("tr", null, null, make("thead", null, null, table));
+      if (byRole) make("th", null, "Node", head).scope = "col";
+      var heads = [];
+      for (var c = 0; c < spec.columns.length; c++) {
+        var th = make("th", null, spec.columns[c].label, head);
+        th.scope = "col";
+        if (spec.columns[c].unit) make("span", "hint pstate-unit", " (" + spec.columns[c].unit + ")", th);
+        heads.push(th);
+      }
+      this.stateEls.tables.push({
+        spec: spec, byRole: byRole, heads: heads, body: make("tbody", null, null, table), from: from, key: null,
+      });
+    }
+    this.updatePatternState();
+  };
+
+  Lab.prototype.updatePatternState = function () {
+    if (!this.stateEls) return;
+    var self = this;
+    var names = Object.keys(this.nodes).sort(natural);
+    // Each node's declared states and gauges, in words: a line per node.
+    var list = this.stateEls.figures;
+    if (list) {
+      var rows = [];
+      names.forEach(function (name) {
+        self.extrasOf(name).forEach(function (extra) {
+          var parts = self.extraText(name, extra);
+          rows.push({ key: name + "/" + extra.kind + "/" + extra.spec.id, name: name, label: parts[0], value: parts[1] === null ? "–" : parts[1] });
+        });
+      });
+      var key = rows.map(function (r) { return r.key; }).join();
+      if (key !== this.stateEls.figuresKey) {
+        list.textContent = "";
+        var item = null;
+        rows.forEach(function (r, i) {
+          if (!i || rows[i - 1].name !== r.name) {
+            item = make("li", null, null, list);
+            item.setAttribute("data-node", r.name);
+            make("code", "pstate-node", r.name, item);
+          }
+          var figure = make("span", "pstate-figure", null, item);
+          make("span", "pstate-label", r.label, figure);
+          figure.append(" ");
+          make("strong", "pstate-value", null, figure);
+        });
+        this.stateEls.figuresKey = key;
+      }
+      var values = list.querySelectorAll(".pstate-value");
+      for (var v = 0; v < rows.length; v++) if (values[v].textContent !== rows[v].value) values[v].textContent = rows[v].value;
+    }
+    // The tables: what their nodes reported last.
+    for (var t = 0; t < this.stateEls.tables.length; t++) {
+      var view = this.stateEls.tables[t];
+      var spec = view.spec;
+      var reports = (this.tables || []).filter(function (x) {
+        return x.id === spec.id && self.nodes[x.node] && self.matches(x.node, spec.node);
+      });
+      var writers = reports.map(function (x) {
+        var st = self.nodes[x.node].state;
+        return x.node + (st === "killed" || st === "paused" ? " (" + self.stateOf(st).label + ": its last report)" : "");
+      });
+      view.from.textContent = " · reported by " + (writers.length ? writers.join(", ") : spec.node);
+      var states = names.map(function (n) { return n + ":" + self.nodes[n].state; }).join();
+      var signature = JSON.stringify(reports) + states;
+      if (signature === view.key) continue;
+      view.key = signature;
+      this.fillTable(view, reports);
+    }
+  };
+
+  Lab.prototype.fillTable = function (table, parts) {
+    var body = table.body, columns = table.spec.columns;
+    body.textContent = "";
+    var count = 0;
+    for (var p = 0; p < parts.length; p++) {
+      var rows = parts[p].rows || [];
+      for (var r = 0; r < rows.length; r++) {
+        count++;
+        var tr = make("tr", null, null, body);
+        if (table.byRole) make("td", null, parts[p].node, tr).setAttribute("data-label", "Node");
+        for (var c = 0; c < columns.length; c++) {
+          var value = rows[r][columns[c].id];
+          var cell = make(c === 0 ? "th" : "td", typeof value === "number" ? "is-number" : null, number(value), tr);
+          cell.setAttribute("data-label", columns[c].label + (columns[c].unit ? " (" + columns[c].unit + ")" : ""));
+          if (c !== 0) continue;
+          cell.scope = "row";
+          // A row about a node of this sandbox shows that node's state when it is not up.
+          var node = typeof value === "string" ? this.nodes[value] : null;
+          if (node && node.state !== "up") {
+            var st = this.stateOf(node.state);
+            tr.className = "is-" + st.cls;
+            tr.setAttribute("data-node-state", node.state);
+            cell.append(" ");
+            make("span", "pstate-node-state state-" + st.cls, st.icon + " " + st.label, cell);
+          }
+        }
+      }
+    }
+    // Numbers line up on the right, their headings with them.
+    for (var h = 1; h < columns.length; h++) {
+      var numeric = parts.some(function (part) {
+        return (part.rows || []).some(function (row) { return typeof row[columns[h].id] === "number"; });
+      });
+      table.heads[h].classList.toggle("is-number", numeric);
+    }
+    if (!count) {
+      var empty = make("td", "hint", "No rows yet", make("tr", "pstate-empty", null, body));
+      empty.colSpan = columns.length + (table.byRole ? 1 : 0);
+    }
+  };
+
   // --- figures and charts ---------------------------------------------------------------
 
   Lab.prototype.updateStats = function (totals) {
@@ -516,23 +839,29 @@
     if (errors) errors.classList.toggle("is-bad", totals.error_pct > 0);
   };
 
+  var NODE_SERIES = ["rps", "error_pct", "p50_ms", "p99_ms"];
+
+  // One point per second (or frame) for the charts: the totals, and per node its figures
+  // and its gauges (as "gauge:<id>"), every series as long as `times`.
   Lab.prototype.push = function (ts, totals, nodes) {
     if (this.times.length && ts <= this.times[this.times.length - 1]) return;
     this.times.push(ts);
     for (var key in this.totals) this.totals[key].push(totals ? totals[key] : null);
     var count = this.times.length;
+    var pad = function (list, length) { while (list.length < length) list.push(null); };
     for (var name in nodes || {}) {
-      var series = this.perNode[name];
-      if (!series) {
-        series = this.perNode[name] = { rps: [], error_pct: [], p50_ms: [], p99_ms: [] };
-        for (var k in series) while (series[k].length < count - 1) series[k].push(null);
+      var series = this.perNode[name] || (this.perNode[name] = {});
+      var values = {};
+      for (var i = 0; i < NODE_SERIES.length; i++) values[NODE_SERIES[i]] = nodes[name][NODE_SERIES[i]];
+      var gauges = nodes[name].gauges || {};
+      for (var g in gauges) values["gauge:" + g] = gauges[g];
+      for (var m in values) {
+        var list = series[m] || (series[m] = []);
+        pad(list, count - 1);
+        list.push(values[m] === undefined ? null : values[m]);
       }
-      for (var m in series) series[m].push(nodes[name][m] === undefined ? null : nodes[name][m]);
     }
-    for (var other in this.perNode) {
-      var s = this.perNode[other];
-      for (var n in s) while (s[n].length < count) s[n].push(null);
-    }
+    for (var other in this.perNode) for (var n in this.perNode[other]) pad(this.perNode[other][n], count);
     var cut = 0;
     while (cut < this.times.length && this.times[cut] < ts - HISTORY_S) cut++;
     if (cut) {
@@ -546,55 +875,9 @@
     if (typeof uPlot === "undefined") return;
     for (var key in this.charts) this.charts[key].destroy();
     this.charts = {};
-    var text = cssVar("--muted"), grid = cssVar("--border");
-    // Okabe–Ito colours: distinguishable with the common colour-vision deficiencies.
-    var dark = document.documentElement.getAttribute("data-theme") === "dark";
-    var blue = dark ? "#56B4E9" : "#0072B2", vermillion = "#D55E00", orange = "#E69F00";
     var self = this;
-    var axes = function (unit) {
-      return [
-        // Time ticks (seconds). uPlot's own steps jump from 1 to 5 minutes, which leaves a
-        // narrow chart of a few minutes with no tick inside it at all: 2 minutes fills that.
-        { stroke: text, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, space: 70,
-          incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600],
-          values: function (u, vals) { return vals.map(clock); } },
-        { stroke: text, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, size: 48,
-          values: function (u, vals) { return vals.map(function (v) { return v + unit; }); } },
-      ];
-    };
-    var floor = function (least) {
-      return function (u, min, max) { return [0, Math.max(least, (max || 0) * 1.15)]; };
-    };
-    var specs = {
-      rps: { series: [{ label: "requests/s", stroke: blue, width: 2, fill: "rgba(0,114,178,0.08)" }], unit: "", least: 5 },
-      errors: { series: [{ label: "errors %", stroke: vermillion, width: 2, fill: "rgba(213,94,0,0.10)" }], unit: "%", least: 5 },
-      latency: {
-        series: [
-          { label: "p50 ms", stroke: blue, width: 2 },
-          { label: "p99 ms", stroke: orange, width: 2, dash: [6, 4] },
-        ],
-        unit: "", least: 20,
-      },
-    };
     var plots = this.root.querySelectorAll("[data-chart]");
-    for (var i = 0; i < plots.length; i++) {
-      var target = plots[i];
-      var name = target.getAttribute("data-chart");
-      var spec = specs[name];
-      target.innerHTML = "";
-      var opts = {
-        width: Math.max(200, target.clientWidth),
-        height: 150,
-        cursor: { drag: { x: false, y: false } },
-        legend: { show: true, live: false },
-        scales: { x: { time: true }, y: { range: floor(spec.least) } },
-        axes: axes(spec.unit),
-        series: [{}].concat(spec.series.map(function (s) {
-          return Object.assign({ points: { show: false }, spanGaps: false }, s);
-        })),
-      };
-      this.charts[name] = new uPlot(opts, this.chartData(name), target);
-    }
+    for (var i = 0; i < plots.length; i++) this.makeChart(plots[i]);
     if (!this.graphResizer && window.ResizeObserver) {
       var timer = null;
       this.graphResizer = new ResizeObserver(function () {
@@ -618,7 +901,121 @@
     }
   };
 
+  // The round number (1, 2, 2.5 or 5 times a power of ten) at or above `value`.
+  function nice(value) {
+    var power = Math.pow(10, Math.floor(Math.log10(value)));
+    var steps = [1, 2, 2.5, 5, 10];
+    for (var i = 0; i < steps.length; i++) if (steps[i] * power >= value) return steps[i] * power;
+    return 10 * power;
+  }
+
+  // Okabe–Ito colours: distinguishable with the common colour-vision deficiencies; lines
+  // of a gauge's chart also differ by dash, and the legend names their node.
+  var DASHES = [null, [6, 4], [2, 3], [10, 3, 2, 3]];
+  function palette(dark) {
+    return [dark ? "#56B4E9" : "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", dark ? "#F0E442" : "#000000"];
+  }
+
+  Lab.prototype.chartSpec = function (name) {
+    var dark = document.documentElement.getAttribute("data-theme") === "dark";
+    var colours = palette(dark);
+    var blue = colours[0], vermillion = "#D55E00", orange = "#E69F00";
+    if (name === "rps") return { series: [{ label: "requests/s", stroke: blue, width: 2, fill: "rgba(0,114,178,0.08)" }], unit: "", least: 5 };
+    if (name === "errors") return { series: [{ label: "errors %", stroke: vermillion, width: 2, fill: "rgba(213,94,0,0.10)" }], unit: "%", least: 5 };
+    if (name === "latency") {
+      return {
+        series: [
+          { label: "p50 ms", stroke: blue, width: 2 },
+          { label: "p99 ms", stroke: orange, width: 2, dash: [6, 4] },
+        ],
+        unit: "", least: 20,
+      };
+    }
+    // A gauge of the pattern's: one line per node that reported it.
+    var names = this.gaugeNodes(this.gaugeOfScope());
+    return {
+      series: names.map(function (n, i) {
+        var line = { label: n, stroke: colours[i % colours.length], width: 2 };
+        var dash = DASHES[i % DASHES.length];
+        if (dash) line.dash = dash;
+        return line;
+      }),
+      unit: "", least: 1, signed: true, key: this.scope + "|" + names.join(),
+    };
+  };
+
+  Lab.prototype.makeChart = function (target) {
+    var name = target.getAttribute("data-chart");
+    if (this.charts[name]) this.charts[name].destroy();
+    var spec = this.chartSpec(name);
+    var text = cssVar("--muted"), grid = cssVar("--border");
+    var axes = [
+      // Time ticks (seconds). uPlot's own steps jump from 1 to 5 minutes, which leaves a
+      // narrow chart of a few minutes with no tick inside it at all: 2 minutes fills that.
+      { stroke: text, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, space: 70,
+        incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600],
+        values: function (u, vals) { return vals.map(clock); } },
+      { stroke: text, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, size: 48, space: spec.signed ? 24 : 30,
+        values: function (u, vals) { return vals.map(function (v) { return v + spec.unit; }); } },
+    ];
+    var range = function (u, min, max) {
+      var top = Math.max(spec.least, (max || 0) * 1.15);
+      // A gauge's scale ends on a round number, so its last value reads off a tick.
+      if (spec.signed) top = nice(top);
+      return [spec.signed ? Math.min(0, min || 0) : 0, top];
+    };
+    target.textContent = "";
+    var opts = {
+      width: Math.max(200, target.clientWidth),
+      height: 150,
+      cursor: { drag: { x: false, y: false } },
+      legend: { show: true, live: false },
+      scales: { x: { time: true }, y: { range: range } },
+      axes: axes,
+      series: [{}].concat(spec.series.map(function (s) {
+        return Object.assign({ points: { show: false }, spanGaps: false }, s);
+      })),
+    };
+    this.charts[name] = new uPlot(opts, this.chartData(name), target);
+    this.charts[name].key = spec.key;
+  };
+
+  // The gauge the charts show ("gauge:<id>" in the selector), or null.
+  Lab.prototype.gaugeOfScope = function () {
+    if (!this.scope || this.scope.indexOf("gauge:") !== 0) return null;
+    var id = this.scope.slice(6);
+    for (var i = 0; i < this.observe.gauges.length; i++) if (this.observe.gauges[i].id === id) return this.observe.gauges[i];
+    return null;
+  };
+
+  // The nodes that reported a gauge in the charts' time span.
+  Lab.prototype.gaugeNodes = function (gauge) {
+    if (!gauge) return [];
+    var key = "gauge:" + gauge.id, out = [];
+    for (var name in this.perNode) {
+      var series = this.perNode[name][key];
+      if (series && series.some(function (v) { return v !== null; })) out.push(name);
+    }
+    return out.sort(natural);
+  };
+
+  // A gauge replaces the three charts by its own; the others show the sandbox or a node.
+  Lab.prototype.showScope = function () {
+    var gauge = this.gaugeOfScope();
+    var figures = this.root.querySelectorAll(".chart-grid > .chart");
+    for (var i = 0; i < figures.length; i++) {
+      figures[i].hidden = figures[i].hasAttribute("data-gauge-figure") ? !gauge : !!gauge;
+    }
+    var caption = this.root.querySelector("[data-gauge-caption]");
+    if (caption && gauge) caption.textContent = gauge.label + (gauge.unit ? " (" + gauge.unit + ")" : "") + ", per node";
+  };
+
   Lab.prototype.chartData = function (name) {
+    if (name === "gauge") {
+      var gauge = this.gaugeOfScope();
+      var self = this;
+      return [this.times].concat(this.gaugeNodes(gauge).map(function (n) { return self.perNode[n]["gauge:" + gauge.id]; }));
+    }
     var source = this.scope && this.perNode[this.scope] ? this.perNode[this.scope] : this.totals;
     if (name === "rps") return [this.times, source.rps];
     if (name === "errors") return [this.times, source.error_pct];
@@ -626,7 +1023,15 @@
   };
 
   Lab.prototype.drawCharts = function () {
-    for (var name in this.charts) this.charts[name].setData(this.chartData(name));
+    for (var name in this.charts) {
+      var chart = this.charts[name];
+      if (name === "gauge") {
+        if (!this.gaugeOfScope()) continue;
+        // Its lines are the nodes that report the gauge: a new one, a new chart.
+        if (chart.key !== this.chartSpec(name).key) { this.makeChart(chart.root.parentNode); continue; }
+      }
+      chart.setData(this.chartData(name));
+    }
   };
 
   // --- once a second: connection, countdowns ------------------------------------------
