@@ -1,17 +1,18 @@
-"""How many load-balanced sandboxes run at once, at their default traffic, while the
-platform's pages stay fast; and the memory of an idle node container. Prints one JSON
-object.
+"""How many sandboxes of a pattern (default: the load-balanced service) run at once, at
+their default traffic, while the platform's pages stay fast; and the memory of an idle
+node container. Prints one JSON object.
 
-    make bench            # or: DEBUG=true .venv/bin/python bench/capacity.py [--max N]
+    make bench   # or: DEBUG=true .venv/bin/python bench/capacity.py [--max N] [--pattern ID]
 
-Launches replicated-lb sandboxes one after another through the platform's own services
-(real Docker engine, one learner each), lets each settle, then times the chapter page of
-a learner whose sandbox panel lists its running nodes (server time, 40 requests). Stops at
+Launches sandboxes one after another through the platform's own services (real Docker
+engine, one learner each), lets each settle, then times the pattern's chapter page of a
+learner whose sandbox panel lists its running nodes (server time, 40 requests). Stops at
 the first count whose page p95 exceeds the target or whose sandboxes no longer serve
-their default traffic (under 90% of 20 requests/s completed, or over 1% errors, measured
-from the oldest and the newest sandbox's own traffic telemetry), or at --max. Afterwards it sets one
-sandbox's traffic to 0 and reads a replica's memory from the engine (the container's
-memory use without the page cache). Everything is removed at the end.
+their default traffic (the pattern's users complete under 90% of the calls a lone sandbox
+completed, or fail over 1 point more of them, measured from the oldest and the newest
+sandbox's own telemetry), or at --max. Afterwards it sets one sandbox's traffic to 0 (its
+`rps` control, where it has one) and reads its first node's memory from the engine (the
+container's memory use without the page cache). Everything is removed at the end.
 
 Targets on the 2-core reference machine: >= 20 sandboxes with page p95 <= 300 ms; an idle
 node container <= 40 MB.
@@ -40,22 +41,25 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def traffic_health(engine: object, sandbox_id: str, window: float = 2.0) -> tuple[float, float]:
-    """Requests/s the sandbox's traffic node completed over the last ``window`` seconds,
-    and the share of them that failed (from its own telemetry)."""
+def traffic_health(
+    engine: object, sandbox_id: str, users: list[str], window: float = 2.0
+) -> tuple[float, float]:
+    """Calls/s the sandbox's users (its traffic nodes) completed over the last ``window``
+    seconds, and the share of them that failed (from their own telemetry)."""
     import threading
 
-    stop = threading.Event()
-    timer = threading.Timer(1.0, stop.set)  # the lines are already there: read, then stop
-    timer.start()
-    since = time.time() - window
     calls = []
-    for raw in engine.follow(sandbox_id, "traffic", since=since, stop=stop):  # type: ignore[attr-defined]
-        line = json.loads(raw)
-        if line.get("type") == "call" and line["ts"] <= since + window:
-            calls.append(line)
-    timer.cancel()
-    failed = sum(1 for c in calls if c["status"] != 200)
+    since = time.time() - window
+    for node in users:
+        stop = threading.Event()
+        timer = threading.Timer(1.0, stop.set)  # the lines are already there: read, stop
+        timer.start()
+        for raw in engine.follow(sandbox_id, node, since=since, stop=stop):  # type: ignore[attr-defined]
+            line = json.loads(raw)
+            if line.get("type") == "call" and line["ts"] <= since + window:
+                calls.append(line)
+        timer.cancel()
+    failed = sum(1 for c in calls if c["status"] == 0 or c["status"] >= 400)
     return len(calls) / window, (failed / len(calls) if calls else 1.0)
 
 
@@ -63,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max", type=int, default=30, help="most sandboxes to try")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after each launch")
+    parser.add_argument("--pattern", default="replicated-lb", help="the pattern to launch")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="distlab-capacity-")
@@ -90,6 +95,7 @@ def main() -> None:
     from apps.labs.engine import get_engine
     from apps.labs.engine.docker import DockerEngine
     from apps.labs.image import ensure_image
+    from apps.labs.patterns import load_pattern
 
     setup_test_environment()
     settings.ALLOWED_HOSTS = ["testserver"]
@@ -99,16 +105,20 @@ def main() -> None:
     if not isinstance(engine, DockerEngine):
         sys.exit("capacity.py needs a Docker engine")
     ensure_image(engine.client)
-    url = Chapter.objects.get(number=5).get_absolute_url()
+    pattern = load_pattern(args.pattern)
+    users = pattern.user_nodes(pattern.node_names())
+    url = Chapter.objects.filter(sandbox=args.pattern).first().get_absolute_url()  # type: ignore[union-attr]
+    baseline: tuple[float, float] | None = None
 
     sandboxes = []
     samples: list[dict[str, float]] = []
     within = 0
     idle_mb = None
+    node = pattern.node_names()[0]  # whose memory is read once traffic stops
     try:
         for n in range(1, args.max + 1):
             user = User.objects.create_user(username=f"capacity-{n}")
-            created = services.sandbox_launch(user=user, pattern_id="replicated-lb", enqueue=False)
+            created = services.sandbox_launch(user=user, pattern_id=args.pattern, enqueue=False)
             started = time.monotonic()
             sandboxes.append(services.sandbox_start(sandbox_id=created.hex))
             launch_s = time.monotonic() - started
@@ -123,10 +133,13 @@ def main() -> None:
                 timings.append((time.perf_counter() - t0) * 1000)
             p95 = percentile(timings, 95)
             # Are the sandboxes themselves still serving their default traffic?
-            rps_first, errors_first = traffic_health(engine, sandboxes[0].hex)
-            rps_last, errors_last = traffic_health(engine, sandboxes[-1].hex)
+            rps_first, errors_first = traffic_health(engine, sandboxes[0].hex, users)
+            rps_last, errors_last = traffic_health(engine, sandboxes[-1].hex, users)
+            if baseline is None:  # one sandbox alone: what "serving" means for this pattern
+                baseline = (rps_first, errors_first)
             healthy = (
-                min(rps_first, rps_last) >= 0.9 * 20 and max(errors_first, errors_last) <= 0.01
+                min(rps_first, rps_last) >= 0.9 * baseline[0]
+                and max(errors_first, errors_last) <= baseline[1] + 0.01
             )
             samples.append(
                 {
@@ -146,9 +159,10 @@ def main() -> None:
             within = n
 
         first = sandboxes[0]
-        services.sandbox_control(sandbox=first, control_id="rps", value=0)
+        if pattern.control("rps") is not None:
+            services.sandbox_control(sandbox=first, control_id="rps", value=0)
         time.sleep(3)
-        container = engine.client.containers.get(engine.container_name(first.hex, "replica-1"))
+        container = engine.client.containers.get(engine.container_name(first.hex, node))
         stats = container.stats(stream=False)["memory_stats"]
         cache = stats.get("stats", {}).get(
             "total_inactive_file", stats.get("stats", {}).get("cache", 0)
@@ -162,10 +176,12 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "pattern": args.pattern,
                 "sandboxes_within_targets": within,
                 "tried_up_to": args.max,
                 "page_target_p95_ms": PAGE_TARGET_MS,
                 "target_sandboxes": 20,
+                "idle_node": node,
                 "idle_node_memory_mb": idle_mb,
                 "target_idle_node_memory_mb": MEMORY_TARGET_MB,
                 "samples": samples,

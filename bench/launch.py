@@ -1,14 +1,14 @@
-"""Launch-to-healthy time of the load-balanced sandbox (5 containers) on the Docker
-engine, against the baseline of starting the same containers one by one with the CLI.
-Prints one JSON object.
+"""Launch-to-healthy time of a pattern's sandbox (default: the load-balanced service, 5
+containers) on the Docker engine, against the baseline of starting the same containers
+one by one with the CLI. Prints one JSON object.
 
-    make bench            # or: .venv/bin/python bench/launch.py [--runs N]
+    make bench            # or: .venv/bin/python bench/launch.py [--runs N] [--pattern ID]
 
 Both sides are timed the same way: from nothing to every node answering a control
 ``{"op": "state"}`` (through ``docker exec``, once its log says its runtime started),
 network included. The engine creates the
 network, then creates and starts the containers concurrently through the API. The
-baseline runs ``docker network create`` and then ``docker run -d`` five times in a row
+baseline runs ``docker network create`` and then ``docker run -d`` once per node in a row
 with the same image, network, addresses, hardening flags and labels. Runs alternate
 between the two, after one warm-up of each. Everything made is removed at the end.
 
@@ -46,7 +46,7 @@ from apps.labs.image import ensure_image  # noqa: E402
 from apps.labs.patterns import load_pattern  # noqa: E402
 
 OWNER = "bench-launch"
-PATTERN = "replicated-lb"
+PATTERN = "replicated-lb"  # the default; --pattern picks another
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -60,7 +60,7 @@ def make_spec() -> SandboxSpec:
     return SandboxSpec(
         sandbox_id=uuid.uuid4().hex,
         owner=OWNER,
-        pattern=PATTERN,
+        pattern=PATTERN,  # set by main() from --pattern
         expires_at=datetime.now(UTC) + timedelta(minutes=10),
         nodes=tuple(NodeSpec(n.name, n.role, n.program, dict(n.env)) for n in nodes),
     )
@@ -185,7 +185,11 @@ def summary(samples: list[float]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10, help="launches of each kind (>= 10)")
+    parser.add_argument("--pattern", default=PATTERN, help="the pattern to launch")
     args = parser.parse_args()
+    global PATTERN
+    PATTERN = args.pattern
+    containers = len(load_pattern(PATTERN).expand())
     docker_cli = shutil.which("docker")
     if docker_cli is None:
         raise SystemExit("the docker command line is missing (apt-get install docker.io)")
@@ -221,7 +225,7 @@ def main() -> None:
             {
                 "benchmark": "launch",
                 "pattern": PATTERN,
-                "containers": 5,
+                "containers": containers,
                 "runs": args.runs,
                 "measure": "launch to every node answering a control state, network included",
                 "engine": {

@@ -68,7 +68,8 @@ class Param:
     ``node`` (a node the pattern may have, e.g. ``replica-3``), ``role`` (a replicated
     role), ``number`` (from ``low`` to ``high``), ``phases`` (a mapping of phase names,
     lower-case words, to step ids), ``gauge`` (a declared gauge), ``event`` (a declared
-    event or one the platform writes), ``link`` (``src>dst``, two nodes)."""
+    event or one the platform writes), ``link`` (``src>dst``, two nodes), ``field`` (a
+    field name)."""
 
     kind: str
     required: bool = True
@@ -444,6 +445,38 @@ def _event_count(
     return {"count": float(total)}
 
 
+def _event_value_outputs(params: Mapping[str, Any]) -> dict[str, Output]:
+    what = f"{params.get('field', 'field')} of the “{params.get('event', 'event')}” events"
+    return {
+        "first": Output(f"The first {what}", "", 1),
+        "last": Output(f"The last {what}", "", 1),
+        "count": Output(f"“{params.get('event', 'event')}” events"),
+    }
+
+
+NO_EVENT = "No “{event}” event came during “{window}”, so there is nothing to measure."
+
+
+def _event_value(
+    history: Sequence[Mapping[str, Any]], timeline: Timeline, params: Mapping[str, Any]
+) -> dict[str, float]:
+    """A numeric field of one kind of event during a window (the first and the last to
+    the second, and how many such events came): ``keys_moved``'s ``pct``, say."""
+    start, end = timeline.window(params["from_step"], params.get("to_step"))
+    points = points_between(history, start, end, whole=False)
+    values: list[float] = []
+    count = 0
+    for point in points:
+        events = point.get("events")
+        count += int(events.get(params["event"]) or 0) if isinstance(events, Mapping) else 0
+        fields = (point.get("event_values") or {}).get(params["event"]) or {}
+        if isinstance(fields.get(params["field"]), int | float):
+            values.append(float(fields[params["field"]]))
+    if not values:
+        raise MeasureError(NO_EVENT.format(event=params["event"], window=params["from_step"]))
+    return {"first": values[0], "last": values[-1], "count": float(count)}
+
+
 WINDOW_PARAMS = {
     "from_step": Param("step", help="the window starts when this step starts"),
     "to_step": Param("step", required=False, help="…and ends when this one ends (from_step)"),
@@ -529,6 +562,17 @@ MEASURES: dict[str, Measure] = {
             },
             outputs=_event_count_outputs,
             compute=_event_count,
+        ),
+        Measure(
+            name="event_value",
+            summary="A numeric field of one kind of event during a window: first, last.",
+            params={
+                "event": Param("event", help="a declared event id"),
+                "field": Param("field", help="one of its numeric fields"),
+                **WINDOW_PARAMS,
+            },
+            outputs=_event_value_outputs,
+            compute=_event_value,
         ),
     )
 }

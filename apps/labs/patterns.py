@@ -1716,6 +1716,8 @@ class _Spec:
                         line, f"{key_where}: {event!r} is no event (events: {', '.join(known)})"
                     )
                 params[key] = event
+            elif spec.kind == "field":
+                params[key] = self.text(given, key, key_where, KEY_RE)
             elif spec.kind == "link":
                 link = self.text(given, key, key_where)
                 ends = link.split(">")

@@ -10,41 +10,54 @@ Wire formats (version 1; add fields freely, change meanings only with ``v: 2``):
 * **frame**, several a second, latest wins::
 
     {"type": "frame", "v": 1, "ts": now, "seq": n,
-     "nodes": {name: {"role", "rps", "error_pct", "p50_ms", "p99_ms", "in_flight", "state"}},
-     "links": {"src>dst": {"src", "dst", "rps", "error_pct", "p99_ms",
+     "nodes": {name: {"role", "rps", "error_pct", "p50_ms", "p99_ms", "in_flight", "state",
+                      "gauges": {id: number},        # only when the node reported some
+                      "states": {id: value}}},       # likewise
+     "links": {"src>dst": {"src", "dst", "rps", "error_pct", "p50_ms", "p99_ms",
                            "probe_rps", "probe_error_pct"}},
      "sample": [{"src", "dst", "status", "ms", "ts"}, …],   # ≤ 40 calls since last frame
      "totals": {"rps", "error_pct", "p50_ms", "p99_ms"},
-     "faults": [{"node", "kind"}, …]}
+     "faults": [{"node", "kind"}, …],
+     "tables": [{"id", "node", "rows": [{column id: value}, …]}, …]}
 
+  What the aggregator knows of the pattern comes from ``Pattern.telemetry_spec()``
+  (``users``, probe links, ``observe``); it names no pattern, role or route itself.
   Rates are per second over the last ``window`` seconds ending ``lag`` seconds ago (lines
   reach the supervisor up to ~0.15 s late). A node's figures come from the ``request``
-  lines it wrote (a ``client`` node's from its ``call`` lines); a link's from its source's
-  ``call`` lines. Health checks (route ``/health``) count only as a link's ``probe_*``.
+  lines it wrote (a user node's, from its ``call`` lines); a link's from its source's
+  ``call`` lines. Calls on a probe link's route count only as that link's ``probe_*``.
   An error is status 0 (no answer) or ≥ 400. Latencies are null when nothing was seen.
-  ``in_flight`` is the time-averaged concurrency of the window's requests (Little's law),
-  or for a client node the last ``traffic`` summary's count. Totals are what users saw:
-  the client nodes' calls (every node's requests when there is no client).
+  ``in_flight`` is what the node reports as its ``in_flight`` gauge when it does, else the
+  time-averaged concurrency of the window's requests (Little's law). Totals are what
+  users saw: the user nodes' calls (every node's requests when the pattern names none).
   Node ``state``: ``killed`` (engine: exited or missing) > ``paused`` > ``partitioned`` >
-  ``ejected`` (a balancer took it out of rotation) > ``up``.
+  a mark another node set on it (a declared mark's id, such as ``ejected``) > ``up``.
 * **event**, at once::
 
-    {"type": "event", "v": 1, "ts", "node", "kind", "text", "data": {…}}
+    {"type": "event", "v": 1, "ts", "node", "kind", "text", "data": {…},
+     "severity": "warning" | "error"}               # only for such declared events
 
-  ``kind``: from ``state`` lines ``started``, ``stopped``, ``failed``, ``config``,
-  ``policy``, ``ejected``, ``readmitted``, ``admitted``, ``task_failed``; from the union of
-  runtime and platform faults ``fault`` / ``fault_cleared``; from engine status ``down``,
-  ``up``, ``paused``, ``resumed``, ``added``, ``removed``; and ``sandbox_ended``.
+  ``kind``: from ``state`` lines the runtime's ``started``, ``stopped``, ``failed``,
+  ``config``, ``task_failed``, ``set`` (a declared state changed) and the pattern's own
+  events (text from its ``observe.events``; an undeclared one is logged plainly and
+  counted in the snapshot's ``undeclared``); from the union of runtime and platform
+  faults ``fault`` / ``fault_cleared``; from engine status ``down``, ``up``, ``paused``,
+  ``resumed``, ``added``, ``removed``; and ``sandbox_ended``.
 * **snapshot**, for a viewer that connects::
 
     {"type": "snapshot", "v": 1, "ts", "nodes": {name: {"role", "state"}},
-     "frame": last frame or null, "history": [point, …], "events": [≤ 100 events]}
+     "frame": last frame or null, "history": [point, …], "events": [≤ 100 events],
+     "tables": [as in frames], "undeclared": {"event x": count, …}}
 
   A history point per whole second (≤ 5 minutes)::
 
     {"ts": second, "totals": {"rps", "error_pct", "p50_ms", "p99_ms",
                               "n", "errors", "first_error_ts", "last_error_ts", "ms_hist"},
-     "nodes": {name: {"rps", "error_pct", "p50_ms", "p99_ms", "n", "errors"}}}
+     "nodes": {name: {"rps", "error_pct", "p50_ms", "p99_ms", "n", "errors", "state",
+                      "in_flight", "gauges", "states"}},
+     "links": {"src>dst": {as totals}},                # calls, probes excluded
+     "events": {kind: count},                          # events of that second, if any
+     "event_values": {kind: {field: number}}}          # their numeric fields (the last)
 
   The point for second ``S`` covers the lines whose ``ts`` (when a request or call ended)
   is in ``(S - 1, S]``. Besides the rates, each point counts what happened in it, for the
@@ -291,7 +304,8 @@ class Aggregator:
         self._states: dict[str, dict[str, str]] = {}  # node → state id → value
         self._tables: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (node, id) → rows
         self._undeclared: dict[str, int] = {}  # what nodes reported that the spec lacks
-        self._event_counts: dict[int, dict[str, int]] = {}  # second → event kind → count
+        # second → {"events": {kind: count}, "event_values": {kind: {field: number}}}
+        self._event_seconds: dict[int, dict[str, Any]] = {}
         self._runtime_faults: dict[str, dict[str, Any]] = {}  # node → kind → params
         self._platform_faults: dict[str, dict[str, Any]] = {}
         self._links: set[tuple[str, str]] = set()
@@ -443,6 +457,8 @@ class Aggregator:
             return None
         previous = self._states.setdefault(node, {}).get(str(name))
         self._states[node][str(name)] = str(value)
+        if previous == value:  # written again for readers that attached late: no change
+            return None
         label = state.get("label") or name
         return f"{node}: {label} {previous} → {value}" if previous else f"{node}: {label} {value}"
 
@@ -546,21 +562,30 @@ class Aggregator:
         }
         if declared is not None and declared.get("severity", "info") != "info":
             event["severity"] = declared["severity"]
-        self._count_event(ts, kind)
+        self._count_event(ts, kind, data)
         self._events.append(event)
         return event
 
-    def _count_event(self, ts: float, kind: str) -> None:
+    def _count_event(self, ts: float, kind: str, data: Mapping[str, Any]) -> None:
         """Count an event in the history point of its second (or, when that point is
-        already written, in the last one)."""
+        already written, in the last one), and keep its numeric fields (the last of each
+        in that second) for the experiments' measures."""
         second = math.ceil(ts)
         if self._last_second is not None and second <= self._last_second and self._history:
-            counted = self._history[-1].setdefault("events", {})
-        elif len(self._event_counts) < 600:
-            counted = self._event_counts.setdefault(second, {})
+            point: dict[str, Any] = self._history[-1]
+        elif len(self._event_seconds) < 600:
+            point = self._event_seconds.setdefault(second, {})
         else:
             return
+        counted = point.setdefault("events", {})
         counted[kind] = counted.get(kind, 0) + 1
+        numbers = {
+            str(k)[:40]: float(v)
+            for k, v in list(data.items())[:16]
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        if numbers:
+            point.setdefault("event_values", {}).setdefault(kind, {}).update(numbers)
 
     def ended(self, *, now: float, state: str) -> dict[str, Any]:
         """The sandbox stopped: the last event its viewers get."""
@@ -706,7 +731,7 @@ class Aggregator:
             for r in records:
                 if r.kind == "call" and not r.probe:
                     links.setdefault(f"{r.src}>{r.dst}", []).append(r)
-            point_events = self._event_counts.pop(second, None)
+            point_events = self._event_seconds.pop(second, None)
             point_nodes: dict[str, Any] = {}
             for name, mine in nodes.items():
                 point_nodes[name] = stats(mine, 1.0) | counts(mine) | self._observed(name, second)
@@ -726,9 +751,9 @@ class Aggregator:
                 }
             )
             if point_events:
-                self._history[-1]["events"] = point_events
-        for stale in [s for s in self._event_counts if s <= last_whole]:
-            del self._event_counts[stale]
+                self._history[-1].update(point_events)
+        for stale in [s for s in self._event_seconds if s <= last_whole]:
+            del self._event_seconds[stale]
         self._last_second = max(self._last_second, last_whole)
 
     def snapshot(self, now: float) -> dict[str, Any]:

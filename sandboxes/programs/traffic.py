@@ -6,8 +6,9 @@ schedule whether or not the earlier ones were answered (up to ``max_in_flight`` 
 beyond that requests are skipped and counted). Its ``call`` events are the client-side
 record: the latency and status each user saw. Once a second it also emits a ``traffic``
 event summing up what it sent and who served it (the ``X-Distlab-Served-By`` header), and
-it reports how many requests it has in flight as the built-in gauge ``in_flight``. The
-rate, ``rps``, can be changed live.
+it reports how many requests it has in flight as the built-in gauge ``in_flight``. Two
+settings change live: the rate, ``rps``, and the keys' ``popularity`` (uniform, or skewed:
+a few hot keys).
 
 Each kind of request in the mix names its ``target`` (default: the profile's), its method
 and path; ``{key}`` in a path becomes a key drawn from the key space, and a PUT or POST
@@ -36,12 +37,24 @@ def setup(node: Node) -> None:
     mix_weights = [m.get("weight", 1) for m in mix]
     key_spec = profile.get("keys") or {}
     keys = [f"k{i}" for i in range(int(key_spec.get("count", 100)))]
-    if key_spec.get("distribution") == "zipf":  # a few hot keys, a long tail of cold ones
-        s = float(key_spec.get("s", 1.1))
-        key_weights = [1 / (rank + 1) ** s for rank in range(len(keys))]
-    else:  # uniform
-        key_weights = [1.0] * len(keys)
-    key_cumulative = list(itertools.accumulate(key_weights))
+    zipf_s = float(key_spec.get("s", 1.1))
+    key_cumulative: list[float] = []
+
+    def weigh_keys(popularity: str, previous: str | None = None) -> None:
+        """Skewed: a few hot keys and a long tail of cold ones (Zipf: the key of rank r is
+        asked for in proportion to 1 / r**s). Uniform: every key alike."""
+        if popularity == "skewed":
+            weights = [1 / (rank + 1) ** zipf_s for rank in range(len(keys))]
+        else:
+            weights = [1.0] * len(keys)
+        key_cumulative[:] = itertools.accumulate(weights)
+
+    skewed = key_spec.get("distribution") == "zipf"
+    node.setting(
+        "popularity", "skewed" if skewed else "uniform", choices=["uniform", "skewed"],
+        on_change=weigh_keys,
+    )  # fmt: skip
+    weigh_keys(node.config["popularity"])
 
     request_ids = itertools.count(1)
     in_flight: set[asyncio.Task[None]] = set()

@@ -64,6 +64,8 @@ DROP_POLL_S = 0.25  # how often a dropped request checks whether its caller gave
 DROP_HOLD_MAX_S = 300.0  # a dropped request is hung up on after this long at most
 TASK_RESTART_S = 1.0  # a background task that crashed is started again after this
 OBSERVE_FLUSH_S = 0.25  # changed gauges and tables are written at most this often
+OBSERVE_REPEAT_S = 4.0  # and everything observed is written again this often, so a
+# reader that (re)attaches mid-stream (the supervisor reads 5 s back) soon knows it all
 MAX_TABLE_ROWS = 50
 PARAMS_ENV = "DISTLAB_PARAMS"  # the pattern's params, as one JSON object
 
@@ -322,8 +324,16 @@ class Node:
         self._dirty_tables.clear()
 
     async def _write_observed(self) -> None:
+        loop = asyncio.get_running_loop()
+        repeat_at = loop.time() + OBSERVE_REPEAT_S
         while True:
             await asyncio.sleep(OBSERVE_FLUSH_S)
+            if loop.time() >= repeat_at:
+                repeat_at = loop.time() + OBSERVE_REPEAT_S
+                self._dirty_gauges.update(self._gauges)
+                self._dirty_tables.update(self._tables)
+                for state_id, value in self._states.items():  # the same value: no event
+                    self.state("set", name=state_id, value=value, previous=value)
             self.flush_observed()
 
     def param(self, name: str, default: Any = None) -> Any:

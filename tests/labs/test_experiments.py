@@ -250,7 +250,7 @@ FORMAT_ERRORS = [
     (
         {42: "      measure: vibes"},
         42,
-        "check.measure: unknown measure 'vibes' (expected one of: error_duration, share_by_node, phase_stats",
+        "check.measure: unknown measure 'vibes' (expected one of: error_duration, share_by_node",
     ),
     ({43: "      params: {}"}, 43, "experiments[0].check.params: missing key 'from_step'"),
     ({43: "      params: {from_step: break, hue: 1}"}, 43, "check.params: unknown key 'hue'"),

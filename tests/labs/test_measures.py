@@ -17,7 +17,9 @@ def point(second: int, **fields: Any) -> dict[str, Any]:
     return {"ts": T0 + second, "totals": {"n": 0, "errors": 0}, "nodes": {}, "links": {}} | fields
 
 
-def compute(name: str, history: list[dict[str, Any]], steps: dict[str, tuple[int, int]], **params: Any) -> dict[str, float]:  # fmt: skip
+def compute(
+    name: str, history: list[dict[str, Any]], steps: dict[str, tuple[int, int]], **params: Any
+) -> dict[str, float]:
     timeline = Timeline({k: (T0 + a, T0 + b) for k, (a, b) in steps.items()})
     return MEASURES[name].compute(history, timeline, params)
 
@@ -90,3 +92,19 @@ def test_event_count_counts_one_kind_in_the_window() -> None:
     history[9]["events"] = {"conflict": 5}  # after the window
     out = compute("event_count", history, {"w": (1, 8)}, event="conflict", from_step="w")
     assert out == {"count": 3.0}
+
+
+def test_event_value_reads_a_numeric_field_of_the_events_in_the_window() -> None:
+    history = [point(i) for i in range(1, 11)]
+    history[3] |= {"events": {"keys_moved": 1}, "event_values": {"keys_moved": {"pct": 76.2}}}
+    history[6] |= {"events": {"keys_moved": 1}, "event_values": {"keys_moved": {"pct": 26.9}}}
+    out = compute(
+        "event_value", history, {"mod": (1, 5), "ring": (5, 9)},
+        event="keys_moved", field="pct", from_step="mod", to_step="ring",
+    )  # fmt: skip
+    assert out == {"first": 76.2, "last": 26.9, "count": 2.0}
+    with pytest.raises(MeasureError, match="No “keys_moved” event came"):
+        compute(
+            "event_value", history, {"w": (7, 9)},
+            event="keys_moved", field="pct", from_step="w",
+        )  # fmt: skip

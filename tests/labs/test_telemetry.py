@@ -386,6 +386,10 @@ def test_gauges_states_and_tables_reach_frames_history_and_snapshots() -> None:
     [event] = agg.ingest(state("router", T0 + 0.7, "set", name="mode", value="ok"))
     assert event["text"] == "router: Mode degraded → ok"
     assert agg.ingest(state("router", T0 + 0.8, "set", name="mode", value="exploded")) == []
+    # Written again every few seconds for late readers: no event when nothing changed.
+    assert (
+        agg.ingest(state("router", T0 + 0.9, "set", name="mode", value="ok", previous="ok")) == []
+    )
     frame = agg.frame(T0 + 1)
     assert frame["nodes"]["shard-1"]["gauges"] == {"keys": 120.0}
     assert frame["nodes"]["shard-1"]["in_flight"] == 3.0  # the node's own count

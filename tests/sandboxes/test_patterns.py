@@ -376,3 +376,4 @@ def test_content_check_reports_a_spec_that_does_not_load(tmp_path: Path) -> None
     write_pattern(tmp_path, {15: "faults: [meteor]"})
     [(path, line, message)] = pattern_problems(tmp_path)
     assert line == 15 and "unknown fault kind 'meteor'" in message
+    assert path.name == "pattern.yaml"
