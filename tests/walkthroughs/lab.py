@@ -24,11 +24,12 @@ from channels.layers import InMemoryChannelLayer
 from django.core.cache import cache
 
 from apps.accounts.models import User
-from apps.labs import services
+from apps.labs import experiments, services
 from apps.labs.engine import get_engine
 from apps.labs.engine.base import Engine
 from apps.labs.measures import histogram_percentile
-from apps.labs.models import Fault, Sandbox
+from apps.labs.models import ExperimentRun, Fault, Sandbox
+from apps.labs.patterns import load_pattern
 from apps.labs.supervisor import Supervisor, snapshot_cache_key
 from tests.conftest import require
 
@@ -168,6 +169,8 @@ class Lab:
         time.sleep(settle)  # the system settles after a change: not a wait for a condition
         start = time.time()
         time.sleep(seconds)  # a window of traffic to measure
+        while math.floor(time.time()) < math.ceil(start) + 1:  # at least one whole second
+            time.sleep(0.05)
         end = time.time()
         first, last = math.ceil(start) + 1, math.floor(end)
         deadline = time.monotonic() + 10
@@ -182,14 +185,54 @@ class Lab:
         events = [e for e in snapshot.get("events") or [] if start <= e["ts"] <= end + 1]
         return Window(points, events)
 
-    def wait_event(self, kind: str, since: float, timeout: float = 10.0) -> Mapping[str, Any]:
+    def experiment(self, experiment_id: str, prediction: Any) -> ExperimentRun:
+        """Run one of the pattern's experiments with a prediction, as the learner does
+        (its steps and check run as background tasks: the test needs a Celery worker),
+        and return the checked run."""
+        started = experiments.experiment_start(
+            user=self.sandbox.owner,
+            sandbox_id=self.sandbox.hex,
+            experiment_id=experiment_id,
+            prediction=prediction,
+        )
+        deadline = time.monotonic() + 300
+        while True:
+            run = ExperimentRun.objects.get(pk=started.pk)
+            if not run.is_running:
+                assert run.state == ExperimentRun.State.CHECKED, run.error
+                return run
+            assert time.monotonic() < deadline, f"{experiment_id} did not finish"
+            time.sleep(0.5)
+
+    def verdicts(self, run: ExperimentRun) -> dict[Any, experiments.Verdict]:
+        """How the run's measurement judges every option of its (choice) prediction."""
+        experiment = load_pattern(run.pattern).experiment(run.experiment)
+        assert experiment is not None
+        values = experiments.pattern_values(run.pattern)
+        return {
+            option.id: experiments.judge(experiment, option.id, run.measured, values)
+            for option in experiment.prediction.options
+        }
+
+    def wait_event(
+        self, kind: str, since: float, timeout: float = 10.0, node: str | None = None
+    ) -> Mapping[str, Any]:
+        """The first event of this kind (of this node) in the lab's log since ``since``."""
         deadline = time.monotonic() + timeout
         while True:
             for event in self.snapshot().get("events") or []:
-                if event.get("kind") == kind and event["ts"] >= since:
+                mine = node is None or event.get("node") == node
+                if event.get("kind") == kind and event["ts"] >= since and mine:
                     return event
             assert time.monotonic() < deadline, f"no {kind} event within {timeout:g} s"
             time.sleep(0.2)
+
+    def table_rows(self, table: str) -> list[Mapping[str, Any]]:
+        """The rows the lab's state panel shows now for a declared table."""
+        for entry in (self.snapshot().get("frame") or {}).get("tables") or []:
+            if entry.get("id") == table:
+                return list(entry.get("rows") or [])
+        return []
 
     def wait_until_up(self, node: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,133 @@
+"""Every chapter's sandbox in the browser, on Docker, as a learner meets it: launch from
+the chapter, see every node up and the pattern's own state, break the chapter's main
+thing and see the state change, run one experiment to its result. Screenshots go to
+tests/e2e/artifacts/ (60-… per pattern). Chapter 5's fuller journey is test_live_lab.py."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from apps.accounts.models import User
+from apps.labs.models import ExperimentRun, Sandbox
+from tests.e2e.platform import ARTIFACTS, PASSWORD, STATE_UP, Platform, node, shot
+from tests.e2e.test_sandbox_panel import sign_in
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@dataclass(frozen=True)
+class Case:
+    chapter: str  # the chapter's slug
+    nodes: tuple[str, ...]
+    figure: str  # a text the Pattern state panel shows (a gauge's or a state's label)
+    fault: tuple[str, str]  # node, kind: the chapter's main fault
+    state: str  # the node's state class while the fault holds
+    experiment: tuple[str, str]  # id, the option the learner picks
+
+
+CASES = {
+    "hello-cluster": Case(
+        "introduction",
+        ("traffic", "front", "profile", "greeting"),
+        "Calls waiting on greeting",
+        ("greeting", "kill"),
+        "killed",
+        ("slow-or-dead", "cannot-tell"),
+    ),
+    "sidecar-proxy": Case(
+        "single-node-patterns",
+        ("traffic", "sidecar", "app"),
+        "Calls to the app",
+        ("app", "pause"),
+        "paused",
+        ("retries-error-rate", "about-9"),
+    ),
+    "sharded-kv": Case(
+        "multi-node-patterns",
+        ("traffic", "reporter", "router", "shard-1", "shard-2", "shard-3"),
+        "Keys stored",
+        ("shard-2", "kill"),
+        "killed",
+        ("scatter-gather-tail", "about-300"),
+    ),
+    "event-sourcing-cqrs": Case(
+        "data-management-patterns",
+        ("client", "commands", "event-store", "projector-balances", "projector-history"),
+        "Projector",
+        ("projector-history", "kill"),
+        "killed",
+        ("concurrent-writers", "conflicts"),
+    ),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(CASES))
+def test_a_learner_launches_breaks_and_experiments(
+    browser,  # type: ignore[no-untyped-def]
+    platform: Platform,
+    pattern: str,
+) -> None:
+    case = CASES[pattern]
+    User.objects.create_user(username="lab", password=PASSWORD)
+    context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=platform.base)
+    page: Page = context.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    sign_in(page, "lab", PASSWORD)
+    page.goto(f"/chapters/{case.chapter}/#sandbox")
+    page.get_by_test_id("launch-sandbox").click()
+    expect(page.get_by_test_id("sandbox-state")).to_have_text("Running", timeout=60_000)
+    assert Sandbox.objects.get().pattern == pattern
+    for name in case.nodes:
+        expect(node(page, name)).to_have_class(STATE_UP)
+    expect(page.get_by_test_id("lab-connection")).to_have_text("● Live", timeout=20_000)
+    page.wait_for_function("document.querySelectorAll('.g-dots .dot').length > 0")
+    expect(page.get_by_test_id("pattern-state")).to_be_visible()
+    expect(page.get_by_test_id("pattern-state")).to_contain_text(case.figure, timeout=10_000)
+    shot(page, f"60-{pattern}-running")
+
+    # The code each node runs, one click away (read-only, highlighted).
+    first = page.get_by_test_id("code-links").locator("a").first
+    program = first.text_content() or ""
+    code = context.new_page()
+    code.goto(first.get_attribute("href") or "")
+    expect(code.get_by_role("heading", level=1)).to_have_text(program)
+    expect(code.get_by_test_id("program-code")).to_contain_text("def setup(node: Node)")
+    code.screenshot(path=str(ARTIFACTS / f"63-{pattern}-code.png"))
+    code.close()
+
+    # The chapter's main fault, from the form, for 15 s.
+    target, kind = case.fault
+    node(page, target).click()
+    expect(page.get_by_test_id("fault-node")).to_have_value(target)
+    page.get_by_test_id("fault-kind").select_option(kind)
+    page.get_by_test_id("fault-duration").select_option("15")
+    page.get_by_test_id("inject-fault").click()
+    expect(page.get_by_test_id("active-fault")).to_contain_text(target)
+    expect(node(page, target)).to_have_class(re.compile(rf"\bstate-{case.state}\b"), timeout=10_000)
+    shot(page, f"61-{pattern}-broken")
+    expect(node(page, target)).to_have_class(STATE_UP, timeout=40_000)  # reverted, back
+
+    # One experiment, to its result.
+    experiment, option = case.experiment
+    card = page.get_by_test_id(f"experiment-{experiment}")
+    card.get_by_test_id(f"prediction-{experiment}-{option}").check()
+    card.get_by_test_id(f"start-{experiment}").click()
+    expect(card.get_by_test_id("run-status")).to_have_attribute("data-state", "running")
+    result = card.get_by_test_id("run-result")
+    expect(result).to_be_visible(timeout=90_000)
+    run = ExperimentRun.objects.get()
+    assert run.state == ExperimentRun.State.CHECKED, run.error
+    expect(card.get_by_test_id("run-explanation")).to_have_text(run.explanation)
+    shot(page, f"62-{pattern}-experiment")
+
+    page.get_by_test_id("stop-sandbox").click()
+    expect(page.get_by_test_id("launch-sandbox")).to_be_visible(timeout=30_000)
+    assert errors == []
+    context.close()
