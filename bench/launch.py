@@ -1,15 +1,18 @@
 """Launch-to-healthy time of a pattern's sandbox (default: the load-balanced service, 5
-containers) on the Docker engine, against the baseline of starting the same containers
-one by one with the CLI. Prints one JSON object.
+nodes: 10 containers, each node a network holder and the node's own container) on the
+Docker engine, against the baseline of starting the same containers one by one with the
+CLI. Prints one JSON object.
 
     make bench            # or: .venv/bin/python bench/launch.py [--runs N] [--pattern ID]
 
 Both sides are timed the same way: from nothing to every node answering a control
 ``{"op": "state"}`` (through ``docker exec``, once its log says its runtime started),
 network included. The engine creates the
-network, then creates and starts the containers concurrently through the API. The
-baseline runs ``docker network create`` and then ``docker run -d`` once per node in a row
-with the same image, network, addresses, hardening flags and labels. Runs alternate
+network, then creates and starts the nodes concurrently through the API (each node's
+holder, then the node in the holder's network namespace). The baseline runs ``docker
+network create`` and then, for each node in a row, ``docker run -d`` of its holder and
+``docker run -d --network container:<holder>`` of the node, with the same image, network,
+addresses, hardening flags and labels. Runs alternate
 between the two, after one warm-up of each. Everything made is removed at the end.
 
 Target on the 2-core reference machine: engine p50 <= 2.0 s, ratio (engine / baseline
@@ -41,7 +44,17 @@ from apps.labs.engine.base import (  # noqa: E402
     NodeSpec,
     SandboxSpec,
 )
-from apps.labs.engine.docker import LABEL_ADDRESS, LABEL_INDEX, DockerEngine  # noqa: E402
+from apps.labs.engine.docker import (  # noqa: E402
+    HOLDER,
+    HOLDER_COMMAND,
+    HOLDER_MEMORY,
+    HOLDER_NANO_CPUS,
+    HOLDER_PIDS,
+    LABEL_ADDRESS,
+    LABEL_INDEX,
+    LABEL_PART,
+    DockerEngine,
+)
 from apps.labs.image import ensure_image  # noqa: E402
 from apps.labs.patterns import load_pattern  # noqa: E402
 
@@ -116,7 +129,8 @@ def engine_launch(engine: DockerEngine) -> tuple[float, float]:
 
 
 def cli_launch(engine: DockerEngine, docker_cli: str) -> float:
-    """The baseline: the same sandbox, one `docker run -d` after the other."""
+    """The baseline: the same sandbox, one `docker run -d` after the other (a holder,
+    then its node)."""
     spec = make_spec()
     labels = engine._sandbox_labels(spec)
     peers = [(n.name, n.role) for n in spec.nodes]
@@ -141,21 +155,33 @@ def cli_launch(engine: DockerEngine, docker_cli: str) -> float:
                 LABEL_ADDRESS: address,
             }
             env = engine._environment(spec, node, peers)
+            holder = engine.holder_name(spec.sandbox_id, node.name)
+            hardening = [
+                "--user", "10001:10001", "--read-only",
+                "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--ipc", "private",
+                "--log-driver", "json-file", "--log-opt", f"max-size={engine.log_max_size}",
+                "--log-opt", f"max-file={engine.log_max_file}",
+                "--init", "--runtime", engine.runtime,
+            ]  # fmt: skip
+            run(
+                docker_cli, "run", "-d", "--name", holder,
+                "--network", network, "--ip", address, "--network-alias", node.name,
+                "--hostname", node.name, *hardening,
+                "--pids-limit", str(HOLDER_PIDS),
+                "--memory", str(HOLDER_MEMORY), "--memory-swap", str(HOLDER_MEMORY),
+                "--cpus", str(HOLDER_NANO_CPUS / 1e9),
+                "--dns-opt", "timeout:1", "--dns-opt", "attempts:1", "--stop-timeout", "1",
+                *(f"--label={k}={v}" for k, v in {**node_labels, LABEL_PART: HOLDER}.items()),
+                "--entrypoint", HOLDER_COMMAND[0], engine.image, *HOLDER_COMMAND[1:],
+            )  # fmt: skip
             run(
                 docker_cli, "run", "-d",
                 "--name", engine.container_name(spec.sandbox_id, node.name),
-                "--network", network, "--ip", address, "--network-alias", node.name,
-                "--hostname", node.name, "--user", "10001:10001", "--workdir", "/opt/distlab",
-                "--read-only",
+                "--network", f"container:{holder}", "--workdir", "/opt/distlab", *hardening,
                 "--tmpfs", f"/tmp:rw,nosuid,nodev,noexec,size={engine.tmpfs_size},mode=1777",
-                "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
                 "--pids-limit", str(engine.pids_limit),
                 "--memory", str(engine.mem_limit), "--memory-swap", str(engine.mem_limit),
-                "--cpus", str(engine.nano_cpus / 1e9), "--ipc", "private",
-                "--dns-opt", "timeout:1", "--dns-opt", "attempts:1",
-                "--log-driver", "json-file", "--log-opt", f"max-size={engine.log_max_size}",
-                "--log-opt", f"max-file={engine.log_max_file}",
-                "--init", "--runtime", engine.runtime, "--stop-timeout", str(engine.stop_timeout),
+                "--cpus", str(engine.nano_cpus / 1e9), "--stop-timeout", str(engine.stop_timeout),
                 *(f"--label={k}={v}" for k, v in node_labels.items()),
                 *(f"--env={k}={v}" for k, v in env.items()),
                 engine.image, "python3", "-m", "sandboxes.runtime.run", spec.pattern, node.program,
@@ -189,7 +215,7 @@ def main() -> None:
     args = parser.parse_args()
     global PATTERN
     PATTERN = args.pattern
-    containers = len(load_pattern(PATTERN).expand())
+    nodes = len(load_pattern(PATTERN).expand())
     docker_cli = shutil.which("docker")
     if docker_cli is None:
         raise SystemExit("the docker command line is missing (apt-get install docker.io)")
@@ -225,7 +251,8 @@ def main() -> None:
             {
                 "benchmark": "launch",
                 "pattern": PATTERN,
-                "containers": containers,
+                "nodes": nodes,
+                "containers": 2 * nodes,  # a network holder and a node container per node
                 "runs": args.runs,
                 "measure": "launch to every node answering a control state, network included",
                 "engine": {

@@ -7,12 +7,28 @@ networks. The bridge carries no host address (``inhibit_ipv4``), so a node canno
 the host or anything beyond it, only the other nodes of its sandbox; ``internal`` keeps
 Docker from routing it anywhere else, and the embedded DNS answers only node names.
 
-Each node is a container ``distlab-<id[:12]>-<node>`` of the sandbox image running
-``python3 -m sandboxes.runtime.run <pattern> <program>``: a non-root user, every capability
-dropped, ``no-new-privileges``, a read-only root with a small tmpfs on /tmp, pids, memory
-(no swap) and CPU limits, size-capped json-file logs, an init process, the configured OCI
-runtime, and no published ports. It has a fixed address on the network (kept in a label)
-and the node's name as its alias, so ``heal`` puts it back exactly where it was.
+Each node is a pair of containers, the way a Kubernetes pod is a "pause" container and
+its application:
+
+- the **holder** ``distlab-<id[:12]>-<node>.net`` owns the node's network namespace: its
+  fixed address on the sandbox network (kept in a label), the node's name as its DNS alias,
+  the hostname and the resolver options. It runs ``sleep infinity`` from the same image,
+  with tiny pids/memory/CPU limits, and nothing else ever happens to it;
+- the **node** ``distlab-<id[:12]>-<node>`` runs ``python3 -m sandboxes.runtime.run
+  <pattern> <program>`` inside the holder's namespace (``network_mode=container:<holder>``).
+
+Both are hardened alike: a non-root user, every capability dropped, ``no-new-privileges``,
+a read-only root (the node has a small tmpfs on /tmp), pids, memory (no swap) and CPU
+limits, size-capped json-file logs, an init process, the configured OCI runtime, and no
+published ports.
+
+Faults act on the part that makes them look as the course says. ``kill`` and ``restart``
+act on the node container only: its address stays up in the holder, so callers' connects
+are refused at once (the kernel answers RST: a crash is a *fast* failure), instead of the
+address vanishing from the bridge and every connect hanging until its timeout. ``pause``
+freezes the node container: the kernel still queues connections on its listening socket
+and nobody answers (a *slow* failure). ``partition`` and ``heal`` disconnect and reconnect
+the holder, which cuts the node off with it; ``heal`` puts it back at the same address.
 
 Everything carries the ``io.distlab.*`` labels of ``base.py``: the engine finds its objects
 by label, never by remembering them, so any process may call any operation, and ``create``
@@ -67,12 +83,21 @@ from apps.labs.engine.base import (
 # creation order) and its fixed address on the sandbox network (heal reconnects with it).
 LABEL_INDEX = f"{LABEL_PREFIX}.index"
 LABEL_ADDRESS = f"{LABEL_PREFIX}.address"
+# On a node's network holder (value "holder"); the node's own container has none. A holder
+# carries its node's name in LABEL_NODE, so a pair is found by one label listing.
+LABEL_PART = f"{LABEL_PREFIX}.part"
+HOLDER = "holder"
+HOLDER_COMMAND = ["sleep", "infinity"]  # coreutils, in every Debian image
 
 NAME_PREFIX = "distlab"
 RUNTIME_DIR = "/opt/distlab"  # where the image keeps sandboxes/ (cwd and PYTHONPATH)
 CONTROL_SOCKET = "/tmp/distlab/control.sock"  # noqa: S108 (inside the node, on its tmpfs)
 NODE_USER = "10001:10001"  # the image's unprivileged user
 MiB = 1024 * 1024
+# A holder runs docker-init and sleep: two processes, well under a MiB of memory.
+HOLDER_MEMORY = 8 * MiB
+HOLDER_PIDS = 4
+HOLDER_NANO_CPUS = 100_000_000
 
 DEFAULT_SUBNET_POOL = "10.213.0.0/16"
 DEFAULT_SUBNET_PREFIX = 26
@@ -250,6 +275,15 @@ class DockerEngine(Engine):
         return f"{NAME_PREFIX}-{sandbox_id[:12]}-{node}"
 
     @staticmethod
+    def holder_name(sandbox_id: str, node: str) -> str:
+        """The node's network holder ('.' never occurs in a node name: no clash)."""
+        return f"{NAME_PREFIX}-{sandbox_id[:12]}-{node}.net"
+
+    @staticmethod
+    def _is_holder(container: Mapping[str, Any]) -> bool:
+        return (container.get("Labels") or {}).get(LABEL_PART) == HOLDER
+
+    @staticmethod
     def _parallel(fn: Callable[[T], Any], items: list[T]) -> list[Any]:
         """Run ``fn`` over ``items`` on threads (the daemon does the work concurrently);
         the first exception is raised once every call has ended."""
@@ -273,6 +307,18 @@ class DockerEngine(Engine):
         containers: list[dict[str, Any]] = self.api.containers(all=True, filters={"label": label})
         return sorted(containers, key=lambda c: (int(c["Labels"].get(LABEL_INDEX, 0)), c["Id"]))
 
+    def _pairs(
+        self, sandbox_id: str
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """The sandbox's node containers and network holders, each by node name (node
+        containers in creation order)."""
+        nodes: dict[str, dict[str, Any]] = {}
+        holders: dict[str, dict[str, Any]] = {}
+        for container in self._containers(sandbox_id):
+            name = container["Labels"].get(LABEL_NODE, "")
+            (holders if self._is_holder(container) else nodes)[name] = container
+        return nodes, holders
+
     def _networks(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
         label = f"{LABEL_SANDBOX}={sandbox_id}" if sandbox_id else LABEL_SANDBOX
         networks: list[dict[str, Any]] = self.api.networks(filters={"label": label})
@@ -283,8 +329,26 @@ class DockerEngine(Engine):
         with self._errors(f"find node {name}", sandbox_id=sandbox_id, node=name):
             info: dict[str, Any] = self.api.inspect_container(self.container_name(sandbox_id, name))
         labels = info["Config"].get("Labels") or {}
-        if labels.get(LABEL_SANDBOX) != sandbox_id or labels.get(LABEL_NODE) != name:
+        if (
+            labels.get(LABEL_SANDBOX) != sandbox_id
+            or labels.get(LABEL_NODE) != name
+            or labels.get(LABEL_PART) == HOLDER
+        ):
             raise NodeNotFound(f"Sandbox {sandbox_id} has no node named {name!r}.")
+        return info
+
+    def _inspect_holder(self, sandbox_id: str, name: str) -> dict[str, Any]:
+        """The node's network holder (after _inspect_node said the node exists)."""
+        try:
+            info: dict[str, Any] = self.api.inspect_container(self.holder_name(sandbox_id, name))
+        except docker.errors.NotFound:
+            info = {}
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_SANDBOX) != sandbox_id or labels.get(LABEL_PART) != HOLDER:
+            raise EngineError(
+                f"Node {name} has lost the container that holds its network address: "
+                "stop and relaunch the sandbox."
+            )
         return info
 
     # -- the network -------------------------------------------------------------------
@@ -401,9 +465,40 @@ class DockerEngine(Engine):
             **node.env,
         }
 
-    def _host_config(self, network: str) -> dict[str, Any]:
+    def _log_config(self) -> LogConfig:
+        return LogConfig(
+            type="json-file",
+            config={"max-size": self.log_max_size, "max-file": str(self.log_max_file)},
+        )
+
+    def _holder_host_config(self, network: str) -> dict[str, Any]:
+        """A node's network holder: the network, the resolver options, and limits that
+        fit two sleeping processes. (Docker refuses a hostname, DNS settings, extra hosts,
+        ports and network endpoints on a container that joins another's namespace: all
+        of that lives here.)"""
         host_config: dict[str, Any] = self.api.create_host_config(
             network_mode=network,
+            init=True,
+            runtime=self.runtime,
+            read_only=True,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            pids_limit=HOLDER_PIDS,
+            mem_limit=HOLDER_MEMORY,
+            memswap_limit=HOLDER_MEMORY,
+            nano_cpus=HOLDER_NANO_CPUS,
+            ipc_mode="private",
+            # Names outside the sandbox never resolve (nothing forwards them), so fail
+            # in 1 s rather than the resolver's default 2 x 5 s: a killed peer's name
+            # must not stall its callers. The node shares this resolver configuration.
+            dns_opt=["timeout:1", "attempts:1"],
+            log_config=self._log_config(),
+        )
+        return host_config
+
+    def _node_host_config(self, holder_id: str) -> dict[str, Any]:
+        host_config: dict[str, Any] = self.api.create_host_config(
+            network_mode=f"container:{holder_id}",
             init=True,
             runtime=self.runtime,
             read_only=True,
@@ -415,53 +510,17 @@ class DockerEngine(Engine):
             memswap_limit=self.mem_limit,  # equal: no swap
             nano_cpus=self.nano_cpus,
             ipc_mode="private",
-            # Names outside the sandbox never resolve (nothing forwards them), so fail
-            # in 1 s rather than the resolver's default 2 x 5 s: a killed peer's name
-            # must not stall its callers.
-            dns_opt=["timeout:1", "attempts:1"],
-            log_config=LogConfig(
-                type="json-file",
-                config={"max-size": self.log_max_size, "max-file": str(self.log_max_file)},
-            ),
+            log_config=self._log_config(),
         )
         return host_config
 
-    def _start_node(
-        self,
-        spec: SandboxSpec,
-        node: NodeSpec,
-        *,
-        index: int,
-        address: str,
-        network: str,
-        peers: list[tuple[str, str]],
-    ) -> str:
-        """Create and start one node's container (or adopt the one a previous attempt
-        made); returns its id."""
-        name = self.container_name(spec.sandbox_id, node.name)
-        labels = {
-            **self._sandbox_labels(spec),
-            LABEL_NODE: node.name,
-            LABEL_ROLE: node.role,
-            LABEL_INDEX: str(index),
-            LABEL_ADDRESS: address,
-        }
-        endpoint = self.api.create_endpoint_config(aliases=[node.name], ipv4_address=address)
-        with self._errors(f"create node {node.name}"):
+    def _create(self, sandbox_id: str, name: str, what: str, **kwargs: Any) -> str:
+        """Create one container (or adopt the one a concurrent launch just made under
+        the same name); returns its id."""
+        with self._errors(f"create {what}"):
             try:
                 created = self.api.create_container(
-                    self.image,
-                    command=["python3", "-m", "sandboxes.runtime.run", spec.pattern, node.program],
-                    name=name,
-                    hostname=node.name,
-                    user=NODE_USER,
-                    working_dir=RUNTIME_DIR,
-                    environment=self._environment(spec, node, peers),
-                    labels=labels,
-                    host_config=self._host_config(network),
-                    networking_config=self.api.create_networking_config({network: endpoint}),
-                    stop_timeout=self.stop_timeout,
-                    use_config_proxy=False,
+                    self.image, name=name, use_config_proxy=False, **kwargs
                 )
                 container_id: str = created["Id"]
             except docker.errors.ImageNotFound as exc:
@@ -473,9 +532,93 @@ class DockerEngine(Engine):
                 if exc.status_code != 409:
                     raise
                 # A concurrent launch created it between our listing and now: adopt it.
-                container_id = self._inspect_node(spec.sandbox_id, node.name)["Id"]
+                info = self.api.inspect_container(name)
+                if (info["Config"].get("Labels") or {}).get(LABEL_SANDBOX) != sandbox_id:
+                    raise
+                container_id = info["Id"]
+        return container_id
+
+    def _remove(self, container_id: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            try:
+                self.api.remove_container(container_id, force=True, v=True)
+            except docker.errors.APIError as exc:
+                if "already in progress" not in _explain(exc):
+                    raise
+
+    def _bring_up(
+        self,
+        spec: SandboxSpec,
+        node: NodeSpec,
+        *,
+        index: int,
+        address: str,
+        network: str,
+        peers: list[tuple[str, str]],
+        holder: Mapping[str, Any] | None = None,
+        found: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Make (or adopt and start) one node's holder and container, holder first;
+        returns the node container's id. ``holder`` and ``found`` are what a listing
+        showed of them, if anything: a node container that joined another holder than
+        this one (its holder was removed since) is replaced."""
+        labels = {
+            **self._sandbox_labels(spec),
+            LABEL_NODE: node.name,
+            LABEL_ROLE: node.role,
+            LABEL_INDEX: str(index),
+            LABEL_ADDRESS: address,
+        }
+        holder_running = False
+        if holder is None:
+            endpoint = self.api.create_endpoint_config(aliases=[node.name], ipv4_address=address)
+            holder_id = self._create(
+                spec.sandbox_id,
+                self.holder_name(spec.sandbox_id, node.name),
+                f"the network holder of node {node.name}",
+                entrypoint=HOLDER_COMMAND,
+                hostname=node.name,
+                user=NODE_USER,
+                labels={**labels, LABEL_PART: HOLDER},
+                host_config=self._holder_host_config(network),
+                networking_config=self.api.create_networking_config({network: endpoint}),
+                stop_timeout=1,
+            )
+        else:
+            holder_id = holder["Id"]
+            holder_running = holder.get("State") == "running"
+        restarted = False
+        if not holder_running:
+            with self._errors(f"start the network holder of node {node.name}"):
+                self.api.start(holder_id)
+            restarted = True
+        mode = f"container:{holder_id}"
+        if found is not None and (found.get("HostConfig") or {}).get("NetworkMode") != mode:
+            with self._errors(f"replace node {node.name}"):
+                self._remove(found["Id"])
+            found = None
+        if found is None:
+            container_id = self._create(
+                spec.sandbox_id,
+                self.container_name(spec.sandbox_id, node.name),
+                f"node {node.name}",
+                command=["python3", "-m", "sandboxes.runtime.run", spec.pattern, node.program],
+                user=NODE_USER,
+                working_dir=RUNTIME_DIR,
+                environment=self._environment(spec, node, peers),
+                labels=labels,
+                host_config=self._node_host_config(holder_id),
+                stop_timeout=self.stop_timeout,
+            )
+            with self._errors(f"start node {node.name}"):
+                self.api.start(container_id)
+            return container_id
+        container_id = found["Id"]
         with self._errors(f"start node {node.name}"):
-            self.api.start(container_id)
+            if found.get("State") in {"created", "exited"}:
+                self.api.start(container_id)
+            elif restarted:  # it runs in the namespace of a holder that has stopped
+                self.api.restart(container_id, timeout=self.stop_timeout)
         return container_id
 
     def _statuses(self, containers: list[dict[str, Any]]) -> list[NodeStatus]:
@@ -521,46 +664,52 @@ class DockerEngine(Engine):
             raise EngineError(f"Sandbox {spec.sandbox_id} names a node twice.")
         with self._errors(f"launch sandbox {spec.sandbox_id}"):
             network, subnet = self._ensure_network(spec)
-            existing = {c["Labels"].get(LABEL_NODE): c for c in self._containers(spec.sandbox_id)}
-            used = {c["Labels"].get(LABEL_ADDRESS, "") for c in existing.values()}
-            missing = [node for node in spec.nodes if node.name not in existing]
-            addresses = iter(self._free_addresses(subnet, used, len(missing)))
+            nodes, holders = self._pairs(spec.sandbox_id)
+            kept = {
+                name: (holders.get(name) or nodes[name])["Labels"].get(LABEL_ADDRESS, "")
+                for name in {*nodes, *holders}
+            }
+            kept = {name: address for name, address in kept.items() if address}
+            missing = [node for node in spec.nodes if node.name not in kept]
+            addresses = iter(self._free_addresses(subnet, set(kept.values()), len(missing)))
             peers = [(node.name, node.role) for node in spec.nodes]
             jobs: list[Callable[[], Any]] = []
             for index, node in enumerate(spec.nodes):
-                found = existing.get(node.name)
-                if found is None:
-                    address = next(addresses)
-                    jobs.append(
-                        functools.partial(
-                            self._start_node,
-                            spec,
-                            node,
-                            index=index,
-                            address=address,
-                            network=network,
-                            peers=peers,
-                        )
+                holder, found = holders.get(node.name), nodes.get(node.name)
+                if (
+                    holder is not None
+                    and found is not None
+                    and holder["State"] == "running"
+                    and found["State"] not in {"created", "exited"}
+                ):
+                    continue  # up already
+                jobs.append(
+                    functools.partial(
+                        self._bring_up,
+                        spec,
+                        node,
+                        index=index,
+                        address=kept.get(node.name) or next(addresses),
+                        network=network,
+                        peers=peers,
+                        holder=holder,
+                        found=found,
                     )
-                elif found["State"] in {"created", "exited"}:
-                    jobs.append(functools.partial(self.api.start, found["Id"]))
+                )
             self._parallel(lambda job: job(), jobs)
         return self.status(spec.sandbox_id)
 
     def destroy(self, sandbox_id: str) -> None:
         self._check_ids(sandbox_id)
-
-        def remove(container_id: str) -> None:
-            with contextlib.suppress(docker.errors.NotFound):
-                try:
-                    self.api.remove_container(container_id, force=True, v=True)
-                except docker.errors.APIError as exc:
-                    if "already in progress" not in _explain(exc):
-                        raise
-
         with self._errors(f"remove sandbox {sandbox_id}"):
             for _attempt in range(3):
-                self._parallel(remove, [c["Id"] for c in self._containers(sandbox_id)])
+                containers = self._containers(sandbox_id)
+                # Nodes before their holders: no node is ever left in a holder's
+                # namespace after the holder went.
+                self._parallel(
+                    self._remove, [c["Id"] for c in containers if not self._is_holder(c)]
+                )
+                self._parallel(self._remove, [c["Id"] for c in containers if self._is_holder(c)])
                 try:
                     for network in self._networks(sandbox_id):
                         with contextlib.suppress(docker.errors.NotFound):
@@ -570,6 +719,8 @@ class DockerEngine(Engine):
                     if "active endpoints" not in _explain(exc):
                         raise
                     continue
+                if self._containers(sandbox_id):
+                    continue  # made by a late launch after the listing: go again
                 return
             raise EngineError(f"Sandbox {sandbox_id} kept gaining nodes while being removed.")
 
@@ -577,44 +728,67 @@ class DockerEngine(Engine):
         self._check_ids(spec.sandbox_id, node.name)
         with self._errors(f"add node {node.name}"):
             network, subnet = self._ensure_network(spec)
-            containers = self._containers(spec.sandbox_id)
-            found = next((c for c in containers if c["Labels"].get(LABEL_NODE) == node.name), None)
-            if found is None:
-                used = {c["Labels"].get(LABEL_ADDRESS, "") for c in containers}
-                index = 1 + max(
-                    (int(c["Labels"].get(LABEL_INDEX, 0)) for c in containers), default=-1
+            nodes, holders = self._pairs(spec.sandbox_id)
+            holder, found = holders.get(node.name), nodes.get(node.name)
+            existing = holder or found
+            address = (existing["Labels"].get(LABEL_ADDRESS, "") if existing else "") or ""
+            if not address:
+                used = {
+                    c["Labels"].get(LABEL_ADDRESS, "") for c in [*nodes.values(), *holders.values()]
+                }
+                address = self._free_addresses(subnet, used, 1)[0]
+            index = (
+                int(existing["Labels"].get(LABEL_INDEX, 0))
+                if existing
+                else 1
+                + max(
+                    (
+                        int(c["Labels"].get(LABEL_INDEX, 0))
+                        for c in [*nodes.values(), *holders.values()]
+                    ),
+                    default=-1,
                 )
-                peers = [
-                    (c["Labels"].get(LABEL_NODE, ""), c["Labels"].get(LABEL_ROLE, ""))
-                    for c in containers
-                ] + [(node.name, node.role)]
-                self._start_node(
+            )
+            peers = [
+                (c["Labels"].get(LABEL_NODE, ""), c["Labels"].get(LABEL_ROLE, ""))
+                for c in nodes.values()
+                if c["Labels"].get(LABEL_NODE) != node.name
+            ] + [(node.name, node.role)]
+            if not (
+                holder is not None
+                and found is not None
+                and holder["State"] == "running"
+                and found["State"] not in {"created", "exited"}
+            ):
+                self._bring_up(
                     spec,
                     node,
                     index=index,
-                    address=self._free_addresses(subnet, used, 1)[0],
+                    address=address,
                     network=network,
                     peers=peers,
+                    holder=holder,
+                    found=found,
                 )
-            elif found["State"] in {"created", "exited"}:
-                self.api.start(found["Id"])
         for status in self.status(spec.sandbox_id):
             if status.name == node.name:
                 return status
         raise NodeNotFound(f"Node {node.name} vanished right after it was started.")
 
     def remove_node(self, sandbox_id: str, name: str) -> None:
-        try:
-            info = self._inspect_node(sandbox_id, name)
-        except NodeNotFound:
-            return
-        with self._errors(f"remove node {name}"), contextlib.suppress(docker.errors.NotFound):
-            self.api.remove_container(info["Id"], force=True, v=True)
+        self._check_ids(sandbox_id, name)
+        with self._errors(f"remove node {name}"):
+            nodes, holders = self._pairs(sandbox_id)
+            if name in nodes:
+                self._remove(nodes[name]["Id"])
+            if name in holders:
+                self._remove(holders[name]["Id"])
 
     def status(self, sandbox_id: str) -> list[NodeStatus]:
         self._check_ids(sandbox_id)
         with self._errors(f"read the state of sandbox {sandbox_id}"):
-            return self._statuses(self._containers(sandbox_id))
+            nodes, _holders = self._pairs(sandbox_id)
+            return self._statuses(list(nodes.values()))
 
     def kill(self, sandbox_id: str, name: str) -> None:
         info = self._inspect_node(sandbox_id, name)
@@ -647,32 +821,40 @@ class DockerEngine(Engine):
     def restart(self, sandbox_id: str, name: str) -> None:
         info = self._inspect_node(sandbox_id, name)
         with self._errors(f"restart node {name}", sandbox_id=sandbox_id, node=name):
+            holder = self._inspect_holder(sandbox_id, name)
+            if not holder["State"].get("Running"):
+                self.api.start(holder["Id"])  # the node cannot start without its namespace
             if info["State"].get("Paused"):
                 self.api.unpause(info["Id"])
             self.api.restart(info["Id"], timeout=self.stop_timeout)
 
     def partition(self, sandbox_id: str, name: str) -> None:
-        info = self._inspect_node(sandbox_id, name)
+        """Disconnect the node's holder: the node shares its namespace, so it is cut off
+        with it (and keeps running, its control channel needs no network)."""
+        self._inspect_node(sandbox_id, name)
         network = self.network_name(sandbox_id)
-        if network not in (info["NetworkSettings"].get("Networks") or {}):
-            return
         with self._errors(f"partition node {name}", sandbox_id=sandbox_id, node=name):
+            holder = self._inspect_holder(sandbox_id, name)
+            if network not in (holder["NetworkSettings"].get("Networks") or {}):
+                return
             try:
-                self.api.disconnect_container_from_network(info["Id"], network)
+                self.api.disconnect_container_from_network(holder["Id"], network)
             except docker.errors.APIError as exc:
                 if "is not connected" not in _explain(exc):
                     raise
 
     def heal(self, sandbox_id: str, name: str) -> None:
-        info = self._inspect_node(sandbox_id, name)
+        """Reconnect the node's holder at the address and under the name it had."""
+        self._inspect_node(sandbox_id, name)
         network = self.network_name(sandbox_id)
-        if network in (info["NetworkSettings"].get("Networks") or {}):
-            return
-        address = (info["Config"].get("Labels") or {}).get(LABEL_ADDRESS) or None
         with self._errors(f"heal node {name}", sandbox_id=sandbox_id, node=name):
+            holder = self._inspect_holder(sandbox_id, name)
+            if network in (holder["NetworkSettings"].get("Networks") or {}):
+                return
+            address = (holder["Config"].get("Labels") or {}).get(LABEL_ADDRESS) or None
             try:
                 self.api.connect_container_to_network(
-                    info["Id"], network, ipv4_address=address, aliases=[name]
+                    holder["Id"], network, ipv4_address=address, aliases=[name]
                 )
             except docker.errors.APIError as exc:
                 if "already exists" not in _explain(exc):
@@ -797,7 +979,8 @@ class DockerEngine(Engine):
             if labels.get(LABEL_INSTANCE, "default") != self.instance:
                 continue
             entry = found.setdefault(labels[LABEL_SANDBOX], (labels, []))
-            entry[1].append(labels.get(LABEL_NODE, ""))
+            if not self._is_holder(container):  # a lone holder still lists its sandbox
+                entry[1].append(labels.get(LABEL_NODE, ""))
         infos = []
         for sandbox_id, (labels, nodes) in sorted(found.items()):
             expires: datetime | None = None

@@ -106,6 +106,37 @@ def test_kill_restart_pause_resume(engine: Engine, spec_factory) -> None:  # typ
     wait_for(lambda: answers(engine, spec, "replica-3"), what="replica-3 answers")
 
 
+def calls_to(lines: list[dict[str, Any]], peer: str) -> list[dict[str, Any]]:
+    return [line for line in lines if line["type"] == "call" and line["dst"] == peer]
+
+
+def test_a_killed_node_is_refused_at_once_and_a_paused_one_times_out(  # type: ignore[no-untyped-def]
+    engine: Engine, spec_factory
+) -> None:
+    """Chapter 1's lesson, from the caller's side: a crashed process fails *fast* (the
+    kernel refuses the connection), a frozen one fails *slow* (the connection is taken,
+    nobody answers, the caller waits for its timeout). The balancer calls (and probes)
+    every replica, with a 1 s request timeout and a 0.5 s probe timeout."""
+    spec = spec_factory(replicas=3)
+    engine.create(spec)
+    ready(engine, spec)
+
+    engine.kill(spec.sandbox_id, "replica-2")
+    engine.pause(spec.sandbox_id, "replica-3")
+    since = time.time() + 0.2  # calls that started before the faults are not counted
+    lines = telemetry(engine, spec, "lb", seconds=3.0, since=since)
+
+    killed = calls_to(lines, "replica-2")
+    assert killed, "the balancer never called the killed replica"
+    assert all(line["error"] == "connect" for line in killed), killed[:5]
+    assert max(line["ms"] for line in killed) < 250, killed[:5]  # well under the timeouts
+
+    paused = calls_to(lines, "replica-3")
+    assert paused, "the balancer never called the paused replica"
+    assert all(line["error"] == "timeout" for line in paused), paused[:5]
+    assert min(line["ms"] for line in paused) >= 400, paused[:5]  # waited for the timeout
+
+
 def test_partition_cuts_a_node_off_and_heal_restores_it(engine: Engine, spec_factory) -> None:  # type: ignore[no-untyped-def]
     spec = spec_factory(replicas=1)
     engine.create(spec)

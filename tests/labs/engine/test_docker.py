@@ -41,7 +41,13 @@ from apps.labs.engine.base import (
     NodeSpec,
     SandboxSpec,
 )
-from apps.labs.engine.docker import LABEL_ADDRESS, DockerEngine
+from apps.labs.engine.docker import (
+    HOLDER_MEMORY,
+    HOLDER_PIDS,
+    LABEL_ADDRESS,
+    LABEL_PART,
+    DockerEngine,
+)
 from apps.labs.patterns import load_pattern
 from tests.conftest import require
 
@@ -152,9 +158,22 @@ def container(engine: DockerEngine, spec: SandboxSpec, name: str) -> dict[str, A
     return info
 
 
+def holder(engine: DockerEngine, spec: SandboxSpec, name: str) -> dict[str, Any]:
+    """The container that holds the node's network namespace (address, name, resolver)."""
+    info: dict[str, Any] = engine.api.inspect_container(engine.holder_name(spec.sandbox_id, name))
+    return info
+
+
 def node_ip(engine: DockerEngine, spec: SandboxSpec, name: str) -> str:
-    networks = container(engine, spec, name)["NetworkSettings"]["Networks"]
+    networks = holder(engine, spec, name)["NetworkSettings"]["Networks"]
     return str(networks[engine.network_name(spec.sandbox_id)]["IPAddress"])
+
+
+def labelled(engine: DockerEngine, spec: SandboxSpec) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = engine.api.containers(
+        all=True, filters={"label": f"{LABEL_SANDBOX}={spec.sandbox_id}"}
+    )
+    return found
 
 
 def network(engine: DockerEngine, spec: SandboxSpec) -> dict[str, Any]:
@@ -230,11 +249,10 @@ def test_it_launches_every_node_of_the_pattern(engine: DockerEngine, lab: Sandbo
         reply = engine.control(lab.sandbox_id, node.name, {"op": "state"})
         assert reply["ok"] is True
         assert (reply["node"], reply["role"]) == (node.name, node.role)
-    names = {
-        c["Labels"][LABEL_NODE]
-        for c in engine.api.containers(filters={"label": f"{LABEL_SANDBOX}={lab.sandbox_id}"})
-    }
-    assert names == {n.name for n in lab.nodes}
+    containers = engine.api.containers(filters={"label": f"{LABEL_SANDBOX}={lab.sandbox_id}"})
+    nodes = [c["Labels"][LABEL_NODE] for c in containers if LABEL_PART not in c["Labels"]]
+    holders = [c["Labels"][LABEL_NODE] for c in containers if LABEL_PART in c["Labels"]]
+    assert sorted(nodes) == sorted(holders) == sorted(n.name for n in lab.nodes)
 
 
 def test_it_creates_twice_without_duplicating(
@@ -259,18 +277,26 @@ def test_it_adopts_a_launch_that_died_half_way(
     engine: DockerEngine, sandbox_factory: Callable[..., SandboxSpec]
 ) -> None:
     spec = sandbox_factory(replicas=2)
-    # What a worker killed mid-launch leaves: one node never made, one made but not started.
+    # What a worker killed mid-launch leaves: one node never made, one made but not
+    # started, one whose holder never came (its node joined a holder that is gone), one
+    # whose holder stopped under it.
+    address = node_ip(engine, spec, "replica-1")
     engine.api.remove_container(engine.container_name(spec.sandbox_id, "lb"), force=True)
     engine.api.kill(engine.container_name(spec.sandbox_id, "traffic"))
+    engine.api.remove_container(engine.holder_name(spec.sandbox_id, "replica-1"), force=True)
+    engine.api.kill(engine.holder_name(spec.sandbox_id, "replica-2"))
     wait_for(lambda: states(engine, spec).get("traffic") == "exited")
 
     statuses = engine.create(spec)
 
     assert [(s.name, s.state) for s in statuses] == [(n.name, "running") for n in spec.nodes]
-    assert len(
-        engine.api.containers(all=True, filters={"label": f"{LABEL_SANDBOX}={spec.sandbox_id}"})
-    ) == len(spec.nodes)
-    wait_for(lambda: answers(engine, spec, "lb"), what="the re-made lb answers")
+    assert len(labelled(engine, spec)) == 2 * len(spec.nodes)
+    assert {c["State"] for c in labelled(engine, spec)} == {"running"}
+    assert node_ip(engine, spec, "replica-1") == address  # the label kept its address
+    for name in ("lb", "replica-1", "replica-2"):
+        wait_for(functools.partial(answers, engine, spec, name), what=f"the re-made {name}")
+    assert http_get(engine, spec, "traffic", f"http://replica-1:{NODE_PORT}/health")
+    assert http_get(engine, spec, "traffic", f"http://replica-2:{NODE_PORT}/health")
 
 
 def test_it_gives_each_sandbox_its_own_subnet_from_the_pool(
@@ -329,9 +355,43 @@ def test_concurrent_launches_share_out_a_small_pool(engine: DockerEngine) -> Non
 # -- hardening ---------------------------------------------------------------------------
 
 
+def assert_hardened(info: dict[str, Any]) -> None:
+    host = info["HostConfig"]
+    assert info["Config"]["User"] == "10001:10001"
+    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["Privileged"] is False
+    assert host["ReadonlyRootfs"] is True
+    assert host["Init"] is True
+    assert host["Runtime"] == "runc"
+    assert host["Memory"] == host["MemorySwap"] > 0
+    assert host["PidsLimit"] > 0 and host["NanoCpus"] > 0
+    assert host["LogConfig"]["Type"] == "json-file" and host["LogConfig"]["Config"]
+    assert not host["PortBindings"] and not info["NetworkSettings"]["Ports"]
+
+
 def test_every_container_is_hardened(engine: DockerEngine, lab: SandboxSpec) -> None:
     for node in lab.nodes:
         info = container(engine, lab, node.name)
+        held = holder(engine, lab, node.name)
+        assert_hardened(info)
+        assert_hardened(held)
+        # The node lives in its holder's network namespace, which alone is on the network.
+        assert info["HostConfig"]["NetworkMode"] == f"container:{held['Id']}"
+        assert info["NetworkSettings"]["Networks"] == {}
+        assert list(held["NetworkSettings"]["Networks"]) == [engine.network_name(lab.sandbox_id)]
+        endpoint = held["NetworkSettings"]["Networks"][engine.network_name(lab.sandbox_id)]
+        assert node.name in endpoint["Aliases"]
+        assert endpoint["IPAddress"] == info["Config"]["Labels"][LABEL_ADDRESS]
+        assert held["Config"]["Hostname"] == node.name
+        assert held["HostConfig"]["DnsOptions"] == ["timeout:1", "attempts:1"]
+        assert held["HostConfig"]["PidsLimit"] == HOLDER_PIDS
+        assert held["HostConfig"]["Memory"] == HOLDER_MEMORY
+        assert held["Config"]["Entrypoint"] == ["sleep", "infinity"]
+        held_labels = held["Config"]["Labels"]
+        assert held_labels[LABEL_PART] == "holder" and held_labels[LABEL_NODE] == node.name
+        assert held_labels[LABEL_SANDBOX] == lab.sandbox_id
+        assert held_labels[LABEL_OWNER] == OWNER
         host = info["HostConfig"]
         assert info["Config"]["User"] == "10001:10001"
         assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
@@ -348,8 +408,6 @@ def test_every_container_is_hardened(engine: DockerEngine, lab: SandboxSpec) -> 
         }
         assert host["Init"] is True
         assert host["Runtime"] == "runc"
-        assert not host["PortBindings"] and not info["NetworkSettings"]["Ports"]
-        assert list(info["NetworkSettings"]["Networks"]) == [engine.network_name(lab.sandbox_id)]
         labels = info["Config"]["Labels"]
         assert labels[LABEL_SANDBOX] == lab.sandbox_id
         assert labels[LABEL_OWNER] == OWNER
@@ -606,6 +664,67 @@ def test_kill_and_restart(
     assert http_get(engine, spec, "lb", f"http://replica-1:{NODE_PORT}/health")
 
 
+TIMED_CALL = """
+import json, socket, time
+start = time.perf_counter()
+try:
+    with socket.create_connection((%(host)r, %(port)d), timeout=1.0) as conn:
+        conn.sendall(b"GET /health HTTP/1.0\\r\\n\\r\\n")
+        outcome = "answered" if conn.recv(1) else "closed"
+except OSError as exc:
+    outcome = type(exc).__name__
+print(json.dumps([outcome, time.perf_counter() - start]))
+"""
+
+
+def timed_call(engine: DockerEngine, spec: SandboxSpec, name: str, host: str) -> tuple[str, float]:
+    """From inside node ``name``, one HTTP request to ``host`` with a 1 s timeout: what
+    happened (answered, ConnectionRefusedError, TimeoutError…) and how long it took. (The
+    host itself has no route to a sandbox's subnet: its bridge carries no host address.)"""
+    code, output = run_in(engine, spec, name, TIMED_CALL % {"host": host, "port": NODE_PORT})
+    assert code == 0, output
+    outcome, took = json.loads(output.strip().splitlines()[-1])
+    return str(outcome), float(took)
+
+
+def test_a_killed_node_keeps_its_address_and_refuses_at_once(
+    engine: DockerEngine, sandbox_factory: Callable[..., SandboxSpec]
+) -> None:
+    """Kill stops the node's process, not its network: the holder keeps the address and
+    the name, so a connect is refused by the kernel at once (a crash fails fast), where a
+    vanished address would leave callers waiting for their timeout."""
+    spec = sandbox_factory(replicas=2)
+    address = node_ip(engine, spec, "replica-1")
+    held = holder(engine, spec, "replica-1")["Id"]
+    assert timed_call(engine, spec, "lb", "replica-1")[0] == "answered"
+
+    engine.kill(spec.sandbox_id, "replica-1")
+
+    assert holder(engine, spec, "replica-1")["State"]["Running"] is True
+    assert node_ip(engine, spec, "replica-1") == address
+    for target in ("replica-1", address):
+        outcome, took = timed_call(engine, spec, "lb", target)
+        assert (outcome, took < 0.25) == ("ConnectionRefusedError", True), (target, took)
+
+    engine.restart(spec.sandbox_id, "replica-1")
+
+    assert holder(engine, spec, "replica-1")["Id"] == held
+    wait_for(lambda: answers(engine, spec, "replica-1"), what="replica-1 answers")
+    assert timed_call(engine, spec, "lb", "replica-1")[0] == "answered"
+
+
+def test_a_paused_node_takes_connections_and_never_answers(
+    engine: DockerEngine, sandbox_factory: Callable[..., SandboxSpec]
+) -> None:
+    spec = sandbox_factory(replicas=1)
+    engine.pause(spec.sandbox_id, "replica-1")
+    try:
+        outcome, took = timed_call(engine, spec, "lb", "replica-1")
+    finally:
+        engine.resume(spec.sandbox_id, "replica-1")
+    assert outcome == "TimeoutError" and took >= 0.9, (outcome, took)
+
+
 def test_pause_and_resume(
     engine: DockerEngine, sandbox_factory: Callable[..., SandboxSpec]
 ) -> None:
@@ -646,12 +765,13 @@ def test_partition_cuts_a_node_off_and_heal_puts_it_back(
     spec = sandbox_factory(replicas=2)
     address = node_ip(engine, spec, "replica-1")
     assert container(engine, spec, "replica-1")["Config"]["Labels"][LABEL_ADDRESS] == address
+    assert holder(engine, spec, "replica-1")["Config"]["Labels"][LABEL_ADDRESS] == address
 
     engine.partition(spec.sandbox_id, "replica-1")
     engine.partition(spec.sandbox_id, "replica-1")  # again: fine
 
     assert states(engine, spec)["replica-1"] == "running"
-    assert container(engine, spec, "replica-1")["NetworkSettings"]["Networks"] == {}
+    assert holder(engine, spec, "replica-1")["NetworkSettings"]["Networks"] == {}
     cut = connect_from(engine, spec, "lb", [("replica-1", NODE_PORT), (address, NODE_PORT)])
     assert all(outcome != "connected" for outcome in cut.values()), cut
     out = connect_from(engine, spec, "replica-1", [("lb", NODE_PORT)])
@@ -688,10 +808,13 @@ def test_scaling_gives_new_nodes_the_whole_picture(
     assert {p["name"] for p in peers} == {*(n.name for n in spec.nodes), "replica-2"}
     assert http_get(engine, spec, "lb", f"http://replica-2:{NODE_PORT}/health")
 
+    assert len(labelled(engine, spec)) == 2 * (len(spec.nodes) + 1)
     engine.remove_node(spec.sandbox_id, "replica-2")
     engine.remove_node(spec.sandbox_id, "replica-2")
 
     assert "replica-2" not in states(engine, spec)
+    assert len(labelled(engine, spec)) == 2 * len(spec.nodes)
+    assert "replica-2" not in {c["Labels"][LABEL_NODE] for c in labelled(engine, spec)}
     with pytest.raises(NodeNotFound, match="replica-2"):
         engine.control(spec.sandbox_id, "replica-2", {"op": "state"})
 
@@ -766,6 +889,24 @@ def test_list_and_destroy_leave_no_labelled_object(
     assert engine.api.networks(filters=label) == []
     assert spec.sandbox_id not in {i.sandbox_id for i in engine.list_sandboxes()}
     assert engine.status(spec.sandbox_id) == []
+
+
+def test_a_sandbox_left_with_only_holders_is_listed_and_removed(
+    engine: DockerEngine, sandbox_factory: Callable[..., SandboxSpec]
+) -> None:
+    """Reconciling finds a sandbox by any labelled object: holders whose nodes are gone
+    (a worker died between the two removals) are never orphaned."""
+    spec = sandbox_factory(replicas=1)
+    for node in spec.nodes:
+        engine.api.remove_container(engine.container_name(spec.sandbox_id, node.name), force=True)
+
+    info = next(i for i in engine.list_sandboxes() if i.sandbox_id == spec.sandbox_id)
+    assert info.nodes == () and engine.status(spec.sandbox_id) == []
+
+    engine.destroy(spec.sandbox_id)
+
+    assert labelled(engine, spec) == []
+    assert engine.api.networks(filters={"label": f"{LABEL_SANDBOX}={spec.sandbox_id}"}) == []
 
 
 def test_unknown_nodes_and_sandboxes_are_clear_errors(
