@@ -488,7 +488,7 @@ def test_the_explanation_uses_the_measured_figures_and_the_spec() -> None:
     assert verdict.answer == "under-3s" and verdict.correct is False
     assert verdict.explanation.startswith("Errors lasted 0.44 s, from the first failed request")
     assert "(7 of 500 requests, 1.4%)" in verdict.explanation
-    assert "checks every 1 s, waits 0.5 s for an answer" in verdict.explanation
+    assert "checks every 1 s, and a check of a killed process fails at once" in verdict.explanation
     assert "ejects a replica after 1 failed check(s) in a row" in verdict.explanation
     none = experiments.judge(
         experiment,

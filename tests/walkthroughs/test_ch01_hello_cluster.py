@@ -68,6 +68,7 @@ def walk(lab: Lab, walk_engine: str) -> None:
     assert lab.wait_event("down", killed_at, node="greeting")
     dead = lab.watch(3)
     assert dead.users().error_pct == 100 and dead.node("front").n > 0, dead.users()
+    assert (dead.users().p99_ms or 0) < 300, dead.users()  # refused at once: fast errors
     back_at = time.time()
     lab.revert(kill)
     assert lab.wait_event("up", back_at, timeout=20, node="greeting")
