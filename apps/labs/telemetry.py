@@ -83,24 +83,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from sandboxes.runtime.telemetry import RUNTIME_EVENTS  # the runtime's own state events
+
 VERSION = 1
 DOWN_STATES = frozenset({"exited", "missing"})
 # The runtime's own ``state`` events that the event log shows (faults come from the union
 # of runtime and platform faults; ``peers`` is plumbing; ``set`` is a declared state).
 RUNTIME_LOGGED = frozenset({"started", "stopped", "failed", "config", "task_failed"})
-RUNTIME_EVENTS = frozenset(
-    {
-        "started",
-        "stopped",
-        "failed",
-        "fault",
-        "fault_cleared",
-        "config",
-        "peers",
-        "task_failed",
-        "set",
-    }
-)
 IN_FLIGHT_GAUGE = "in_flight"  # built in: a node's own count replaces the estimate
 MAX_GAUGES = 32  # per node
 MAX_TABLE_ROWS = 50

@@ -321,7 +321,7 @@ def sandbox_controls(request: AuthedHttpRequest, sandbox_id: str) -> HttpRespons
     return render(request, CONTROLS, context, status=400 if message else 200)
 
 
-_CODE_FORMATTER = HtmlFormatter(cssclass="highlight", wrapcode=True, linenos="table")
+_CODE_FORMATTER = HtmlFormatter(cssclass="highlight", wrapcode=True)
 
 
 @require_safe
@@ -333,7 +333,11 @@ def program_source(request: AuthedHttpRequest, pattern: str, program: str) -> Ht
         spec = load_pattern(pattern)
     except PatternError:
         raise Http404("No such pattern.") from None
-    runs = [n.name for n in spec.nodes if n.program == program]
+    runs = [
+        f"{n.role}-1 … {n.role}-{n.max_count}" if n.replicated else n.name
+        for n in spec.nodes
+        if n.program == program
+    ]
     if not runs:
         raise Http404("No such program in this pattern.")
     source = program_path(spec, program).read_text(encoding="utf-8")
@@ -341,6 +345,7 @@ def program_source(request: AuthedHttpRequest, pattern: str, program: str) -> Ht
         "pattern": spec,
         "program": program,
         "nodes": runs,
+        "plural": len(runs) > 1 or any(n.replicated for n in spec.nodes if n.program == program),
         "shared": not (spec.folder / program).is_file(),
         "code": mark_safe(highlight(source, PythonLexer(), _CODE_FORMATTER)),  # noqa: S308 - Pygments escapes the source
         "lines": source.count("\n") + 1,

@@ -102,12 +102,12 @@ def test_a_learner_launches_breaks_and_experiments(
     code.screenshot(path=str(ARTIFACTS / f"63-{pattern}-code.png"))
     code.close()
 
-    # The chapter's main fault, from the form, for 15 s.
+    # The chapter's main fault, from the form, for 20 s.
     target, kind = case.fault
     node(page, target).click()
     expect(page.get_by_test_id("fault-node")).to_have_value(target)
     page.get_by_test_id("fault-kind").select_option(kind)
-    page.get_by_test_id("fault-duration").select_option("15")
+    page.get_by_test_id("fault-duration").select_option("20")
     page.get_by_test_id("inject-fault").click()
     expect(page.get_by_test_id("active-fault")).to_contain_text(target)
     expect(node(page, target)).to_have_class(re.compile(rf"\bstate-{case.state}\b"), timeout=10_000)
@@ -117,6 +117,9 @@ def test_a_learner_launches_breaks_and_experiments(
     # One experiment, to its result.
     experiment, option = case.experiment
     card = page.get_by_test_id(f"experiment-{experiment}")
+    details = card.locator("details").first
+    if not details.evaluate("el => el.open"):
+        details.locator("summary").click()  # the learner opens the experiment's card
     card.get_by_test_id(f"prediction-{experiment}-{option}").check()
     card.get_by_test_id(f"start-{experiment}").click()
     expect(card.get_by_test_id("run-status")).to_have_attribute("data-state", "running")

@@ -32,7 +32,7 @@ def test_launch_watch_and_stop_from_the_chapter(
 
     panel.get_by_test_id("launch-sandbox").click()
     expect(page.get_by_test_id("sandbox-state")).to_have_text("Running", timeout=30_000)
-    expect(page.locator(".node-list .node-running")).to_have_count(5)
+    expect(page.locator(".node-list [data-node]")).to_have_count(5)
     page.locator("#sandbox").scroll_into_view_if_needed()
     shot(page, "10-sandbox-running")
 

@@ -313,6 +313,10 @@ def test_it_shows_a_patterns_program_read_only_and_highlighted(learner: User) ->
     text = unescape(re.sub(r"<[^>]+>", "", html))
     assert "def setup(node: Node) -> None:" in text  # the program, as the node runs it
     assert "node <code>lb</code> runs" in html
+    replicas = client_for(learner).get(
+        reverse("labs:program", args=["replicated-lb", "replica.py"])
+    )
+    assert "the nodes <code>replica-1 … replica-6</code> run" in replicas.content.decode()
     shared = client_for(learner).get(reverse("labs:program", args=["replicated-lb", "traffic.py"]))
     assert shared.status_code == 200 and "Several patterns share it." in shared.content.decode()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -41,6 +42,47 @@ def get(
         return Answer(response.status, dict(response.getheaders()), response.read())
     finally:
         connection.close()
+
+
+def configure(cluster: LocalCluster, name: str, **settings: Any) -> None:
+    """Change a node's live settings; the node must accept them."""
+    reply = cluster.ctl(name, {"op": "config", "set": settings})
+    assert reply["ok"], reply
+
+
+def fault(cluster: LocalCluster, name: str, **message: Any) -> None:
+    """Set a runtime fault on a node (``kind="latency", ms=200``); it must be accepted."""
+    reply = cluster.ctl(name, {"op": "fault", **message})
+    assert reply["ok"], reply
+
+
+# The fields each line type carries besides v, ts, node and type (TELEMETRY.md).
+REQUIRED = {
+    "request": {"src", "dst", "method", "route", "status", "ms"},
+    "call": {"src", "dst", "method", "route", "status", "ms", "error"},
+    "state": {"event"},
+    "gauges": {"values"},
+    "table": {"table", "rows"},
+    "traffic": {"rps", "sent", "skipped", "ok", "errors", "failed", "in_flight", "served_by"},
+}
+
+
+def assert_well_formed(cluster: LocalCluster, names: Iterable[str] | None = None) -> None:
+    """Every line each node wrote is telemetry of schema 1, with its type's fields, about
+    itself, recent, and a call without an answer says why."""
+    now = time.time()
+    for name in names if names is not None else cluster.nodes:
+        events = cluster.events(name)
+        assert events and not cluster.nodes[name].bad_lines, name
+        for event in events:
+            assert event["v"] == 1 and event["node"] == name, event
+            assert isinstance(event["ts"], float) and now - 300 < event["ts"] <= now + 1
+            assert REQUIRED.get(event["type"], set()) <= set(event), event
+            if event["type"] == "request":
+                assert event["dst"] == name, event
+            if event["type"] == "call":
+                assert event["src"] == name, event
+                assert (event["status"] == 0) == (event["error"] is not None), event
 
 
 def served(calls: Iterable[Mapping[str, Any]], route: str = "/") -> Counter[str]:

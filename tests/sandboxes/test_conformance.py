@@ -14,19 +14,9 @@ import pytest
 from apps.labs.patterns import Pattern, load_pattern, pattern_ids
 from sandboxes.runtime.telemetry import RUNTIME_EVENTS
 from sandboxes.runtime.testing import LocalCluster, wait_for
-from tests.sandboxes.helpers import assert_quiet
+from tests.sandboxes.helpers import assert_quiet, assert_well_formed
 
 REPORT_WITHIN_S = 12.0  # every declared observation shows up within this long
-
-# The fields each line type carries besides v, ts, node and type (TELEMETRY.md).
-REQUIRED = {
-    "request": {"src", "dst", "method", "route", "status", "ms"},
-    "call": {"src", "dst", "method", "route", "status", "ms", "error"},
-    "state": {"event"},
-    "gauges": {"values"},
-    "table": {"table", "rows"},
-    "traffic": {"rps", "sent", "skipped", "ok", "errors", "failed", "in_flight", "served_by"},
-}
 
 
 @pytest.fixture(scope="module", params=pattern_ids())
@@ -101,10 +91,9 @@ def test_users_make_calls_and_every_line_is_telemetry(
         cluster.wait_for(
             lambda name=name: cluster.find(name, "call"), REPORT_WITHIN_S, f"a call by {name}"
         )
+    assert_well_formed(cluster)
     for name in cluster.nodes:
         for event in cluster.events(name):
-            assert event["v"] == 1 and event["node"] == name
-            assert REQUIRED.get(event["type"], set()) <= set(event), event
             if event["type"] == "state" and event["event"] not in RUNTIME_EVENTS:
                 declared = {e.id for e in pattern.observe.events}
                 assert event["event"] in declared, f"{name}: undeclared event {event}"

@@ -24,7 +24,7 @@ import pytest
 
 from apps.labs.patterns import Pattern, load_pattern
 from sandboxes.runtime.testing import LocalCluster, wait_for
-from tests.sandboxes.helpers import assert_quiet, get
+from tests.sandboxes.helpers import assert_quiet, assert_well_formed, configure, fault, get
 
 PATTERN = "event-sourcing-cqrs"
 PROJECTORS = ["projector-balances", "projector-history"]
@@ -85,16 +85,6 @@ def cluster(sandbox: LocalCluster) -> Iterator[LocalCluster]:
         configure(sandbox, name, **settings)
     wait_caught_up(sandbox)
     assert_quiet(sandbox)
-
-
-def configure(cluster: LocalCluster, name: str, **settings: Any) -> None:
-    reply = cluster.ctl(name, {"op": "config", "set": settings})
-    assert reply["ok"], reply
-
-
-def fault(cluster: LocalCluster, name: str, **message: Any) -> None:
-    reply = cluster.ctl(name, {"op": "fault", **message})
-    assert reply["ok"], reply
 
 
 def calls(
@@ -483,25 +473,6 @@ def test_every_declared_gauge_state_and_table_is_reported(
     assert written <= declared, written - declared
 
 
-REQUIRED = {
-    "request": {"src", "dst", "method", "route", "status", "ms"},
-    "call": {"src", "dst", "method", "route", "status", "ms", "error"},
-    "state": {"event"},
-    "gauges": {"values"},
-    "table": {"table", "rows"},
-    "traffic": {"rps", "sent", "skipped", "ok", "errors", "failed", "in_flight", "served_by"},
-}
-
-
 def test_every_telemetry_line_parses_and_carries_the_schema(cluster: LocalCluster) -> None:
     cluster.wait_event("client", "traffic", cluster.mark())
-    now = time.time()
-    for name in NODES:
-        events = cluster.events(name)
-        assert events and not cluster.nodes[name].bad_lines
-        for event in events:
-            assert event["v"] == 1 and event["node"] == name
-            assert isinstance(event["ts"], float) and now - 300 < event["ts"] <= now + 1
-            assert REQUIRED[event["type"]] <= set(event), event
-            if event["type"] == "call":
-                assert (event["status"] == 0) == (event["error"] is not None), event
+    assert_well_formed(cluster)

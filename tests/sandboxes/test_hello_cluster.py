@@ -29,7 +29,7 @@ import pytest
 
 from apps.labs.patterns import Pattern, load_pattern
 from sandboxes.runtime.testing import LocalCluster
-from tests.sandboxes.helpers import assert_quiet, get
+from tests.sandboxes.helpers import assert_quiet, assert_well_formed, configure, fault, get
 
 PATTERN = "hello-cluster"
 NODES = ["profile", "greeting", "front", "traffic"]
@@ -71,16 +71,6 @@ def cluster(sandbox: LocalCluster) -> Iterator[LocalCluster]:
     configure(sandbox, "traffic", rps=RPS)
     wait_healthy(sandbox)
     assert_quiet(sandbox)
-
-
-def configure(cluster: LocalCluster, name: str, **settings: Any) -> None:
-    reply = cluster.ctl(name, {"op": "config", "set": settings})
-    assert reply["ok"], reply
-
-
-def fault(cluster: LocalCluster, name: str, **message: Any) -> None:
-    reply = cluster.ctl(name, {"op": "fault", **message})
-    assert reply["ok"], reply
 
 
 def wait_healthy(cluster: LocalCluster, count: int = 10) -> None:
@@ -433,24 +423,6 @@ def test_it_fails_half_the_requests_slowly_when_profile_drops_half(
 # (tests/sandboxes/test_conformance.py checks the controls and gauges against the nodes)
 
 
-REQUIRED = {
-    "request": {"src", "dst", "method", "route", "status", "ms"},
-    "call": {"src", "dst", "method", "route", "status", "ms", "error"},
-    "state": {"event"},
-    "gauges": {"values"},
-    "traffic": {"rps", "sent", "skipped", "ok", "errors", "failed", "in_flight", "served_by"},
-}
-
-
 def test_it_writes_only_well_formed_telemetry_through_every_fault(cluster: LocalCluster) -> None:
     cluster.wait_event("traffic", "traffic", cluster.mark())
-    now = time.time()
-    for name in NODES:
-        events = cluster.events(name)
-        assert events and not cluster.nodes[name].bad_lines
-        for event in events:
-            assert event["v"] == 1 and event["node"] == name
-            assert isinstance(event["ts"], float) and now - 300 < event["ts"] <= now + 1
-            assert REQUIRED[event["type"]] <= set(event), event
-            if event["type"] == "call":
-                assert (event["status"] == 0) == (event["error"] is not None), event
+    assert_well_formed(cluster)

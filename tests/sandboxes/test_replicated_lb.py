@@ -7,7 +7,6 @@ restarted, faults cleared, settings reset, every replica back in rotation).
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,15 @@ import pytest
 
 from apps.labs.patterns import Pattern
 from sandboxes.runtime.testing import LocalCluster
-from tests.sandboxes.helpers import PATTERN, assert_quiet, get, served
+from tests.sandboxes.helpers import (
+    PATTERN,
+    assert_quiet,
+    assert_well_formed,
+    configure,
+    fault,
+    get,
+    served,
+)
 
 REPLICAS = ["replica-1", "replica-2", "replica-3"]
 NODES = [*REPLICAS, "lb", "traffic"]
@@ -57,16 +64,6 @@ def cluster(sandbox: LocalCluster, pattern: Pattern) -> Iterator[LocalCluster]:
     sandbox.ctl("traffic", {"op": "config", "set": {"rps": 20}})
     wait_all_in_rotation(sandbox)
     assert_quiet(sandbox)
-
-
-def configure(cluster: LocalCluster, name: str, **settings: Any) -> None:
-    reply = cluster.ctl(name, {"op": "config", "set": settings})
-    assert reply["ok"], reply
-
-
-def fault(cluster: LocalCluster, name: str, **message: Any) -> None:
-    reply = cluster.ctl(name, {"op": "fault", **message})
-    assert reply["ok"], reply
 
 
 def calls(cluster: LocalCluster, name: str, since: float, route: str = "/") -> list[dict[str, Any]]:
@@ -272,29 +269,6 @@ def test_drop_on_the_balancer_loses_calls_both_ways(cluster: LocalCluster) -> No
 # ---- the spec and the telemetry ----------------------------------------------------------
 
 
-REQUIRED = {
-    "request": {"src", "dst", "method", "route", "status", "ms"},
-    "call": {"src", "dst", "method", "route", "status", "ms", "error"},
-    "state": {"event"},
-    "traffic": {"rps", "sent", "skipped", "ok", "errors", "failed", "in_flight", "served_by"},
-    "gauges": {"values"},
-    "table": {"table", "rows"},
-}
-
-
 def test_every_telemetry_line_parses_and_carries_the_schema(cluster: LocalCluster) -> None:
     cluster.wait_event("traffic", "traffic", cluster.mark())
-    now = time.time()
-    for name in NODES:
-        events = cluster.events(name)
-        assert events and not cluster.nodes[name].bad_lines
-        for event in events:
-            assert event["v"] == 1
-            assert isinstance(event["ts"], float) and now - 300 < event["ts"] <= now + 1
-            assert event["node"] == name
-            assert REQUIRED[event["type"]] <= set(event), event
-            if event["type"] == "request":
-                assert event["dst"] == name
-            if event["type"] == "call":
-                assert event["src"] == name
-                assert (event["status"] == 0) == (event["error"] is not None), event
+    assert_well_formed(cluster)

@@ -24,7 +24,7 @@ import pytest
 
 from apps.labs.patterns import Pattern, load_pattern
 from sandboxes.runtime.testing import LocalCluster
-from tests.sandboxes.helpers import assert_quiet, get
+from tests.sandboxes.helpers import assert_quiet, configure, fault, get
 
 PATTERN = "sharded-kv"
 SHARDS = ["shard-1", "shard-2", "shard-3"]
@@ -70,16 +70,6 @@ def cluster(sandbox: LocalCluster) -> Iterator[LocalCluster]:
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def configure(cluster: LocalCluster, name: str, **settings: Any) -> None:
-    reply = cluster.ctl(name, {"op": "config", "set": settings})
-    assert reply["ok"], reply
-
-
-def fault(cluster: LocalCluster, name: str, **message: Any) -> None:
-    reply = cluster.ctl(name, {"op": "fault", **message})
-    assert reply["ok"], reply
 
 
 def started_in(events: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import pytest
 
 from apps.labs.patterns import Pattern, load_pattern
 from sandboxes.runtime.testing import LocalCluster
-from tests.sandboxes.helpers import assert_quiet, get
+from tests.sandboxes.helpers import assert_quiet, configure, fault, get
 
 PATTERN = "sidecar-proxy"
 NODES = ["app", "sidecar", "traffic"]
@@ -64,16 +64,6 @@ def cluster(sandbox: LocalCluster) -> Iterator[LocalCluster]:
 
 
 # ---- helpers -----------------------------------------------------------------------------
-
-
-def configure(cluster: LocalCluster, name: str, **settings: Any) -> None:
-    reply = cluster.ctl(name, {"op": "config", "set": settings})
-    assert reply["ok"], reply
-
-
-def fault(cluster: LocalCluster, name: str, **message: Any) -> None:
-    reply = cluster.ctl(name, {"op": "fault", **message})
-    assert reply["ok"], reply
 
 
 def pause(cluster: LocalCluster, name: str) -> float:

@@ -16,7 +16,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,12 @@ class Lab:
         self._thread = threading.Thread(target=self._supervisor.run, args=(self._stop,))
         self._thread.start()
 
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=15)
@@ -242,11 +248,3 @@ class Lab:
                 return
             assert time.monotonic() < deadline, f"{node} not up within {timeout:g} s"
             time.sleep(0.2)
-
-
-def lab_for(user: User, pattern_id: str) -> Iterator[Lab]:
-    lab = Lab(user, pattern_id)
-    try:
-        yield lab
-    finally:
-        lab.close()

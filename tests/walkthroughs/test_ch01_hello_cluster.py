@@ -18,12 +18,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def test_chapter_1_walkthrough_and_experiments(
     walk_engine: str, learner: User, embedded_celery: Celery
 ) -> None:
-    lab = Lab(learner, "hello-cluster")
-    try:
+    with Lab(learner, "hello-cluster") as lab:
         walk(lab, walk_engine)
         experiments(lab)
-    finally:
-        lab.close()
 
 
 def walk(lab: Lab, walk_engine: str) -> None:

@@ -18,12 +18,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def test_chapter_2_walkthrough_and_experiments(
     walk_engine: str, learner: User, embedded_celery: Celery
 ) -> None:
-    lab = Lab(learner, "sidecar-proxy")
-    try:
+    with Lab(learner, "sidecar-proxy") as lab:
         walk(lab)
         experiments(lab)
-    finally:
-        lab.close()
 
 
 def walk(lab: Lab) -> None:

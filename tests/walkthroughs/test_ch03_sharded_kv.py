@@ -20,12 +20,9 @@ SHARDS = ["shard-1", "shard-2", "shard-3"]
 def test_chapter_3_walkthrough_and_experiments(
     walk_engine: str, learner: User, embedded_celery: Celery
 ) -> None:
-    lab = Lab(learner, "sharded-kv")
-    try:
+    with Lab(learner, "sharded-kv") as lab:
         walk(lab)
         experiments(lab)
-    finally:
-        lab.close()
 
 
 def shares(window: Window, shards: list[str] = SHARDS) -> dict[str, float]:

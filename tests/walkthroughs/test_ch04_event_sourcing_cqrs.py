@@ -19,12 +19,9 @@ HISTORY, BALANCES = "projector-history", "projector-balances"
 def test_chapter_4_walkthrough_and_experiments(
     walk_engine: str, learner: User, embedded_celery: Celery
 ) -> None:
-    lab = Lab(learner, "event-sourcing-cqrs")
-    try:
+    with Lab(learner, "event-sourcing-cqrs") as lab:
         walk(lab)
         experiments(lab)
-    finally:
-        lab.close()
 
 
 def walk(lab: Lab) -> None:

@@ -15,11 +15,8 @@ REPLICAS = ["replica-1", "replica-2", "replica-3"]
 
 
 def test_chapter_5_walkthrough(walk_engine: str, learner: User) -> None:
-    lab = Lab(learner, "replicated-lb")
-    try:
+    with Lab(learner, "replicated-lb") as lab:
         walk(lab)
-    finally:
-        lab.close()
 
 
 def walk(lab: Lab) -> None:
