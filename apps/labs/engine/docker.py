@@ -94,9 +94,12 @@ RUNTIME_DIR = "/opt/distlab"  # where the image keeps sandboxes/ (cwd and PYTHON
 CONTROL_SOCKET = "/tmp/distlab/control.sock"  # noqa: S108 (inside the node, on its tmpfs)
 NODE_USER = "10001:10001"  # the image's unprivileged user
 MiB = 1024 * 1024
-# A holder runs docker-init and sleep: two processes, well under a MiB of memory.
-HOLDER_MEMORY = 8 * MiB
-HOLDER_PIDS = 4
+# A holder runs docker-init and sleep: two processes, well under a MiB of memory. The
+# limit is higher than that because runc's own init runs in the container's cgroup while
+# the container starts (it copies the runc binary): under ~10 MiB it is sometimes
+# OOM-killed and the start fails with "cannot start a stopped process" (moby#41167).
+HOLDER_MEMORY = 32 * MiB
+HOLDER_PIDS = 8
 HOLDER_NANO_CPUS = 100_000_000
 
 DEFAULT_SUBNET_POOL = "10.213.0.0/16"
