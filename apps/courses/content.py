@@ -669,6 +669,11 @@ _TOC_LEVELS = (2, 3)
 _FORMATTER = HtmlFormatter(cssclass="highlight", wrapcode=True)
 
 
+def highlight_code(code: str, lexer: Lexer) -> str:
+    """Code as highlighted HTML (Pygments escapes it), as chapters and the code page show it."""
+    return str(highlight(code, lexer, _FORMATTER))
+
+
 def _slugify(title: str) -> str:
     """A heading's anchor: 'Health checks' -> 'health-checks' (the plugin adds -1, -2…)."""
     slug = re.sub(r"[^\w\- ]", "", title.strip().lower())
@@ -698,7 +703,7 @@ def _render_fence(
     lexer = _lexer(language)
     if lexer is None:
         return f"<pre><code>{escape(code, quote=False)}</code></pre>\n"
-    return str(highlight(code, lexer, _FORMATTER))
+    return highlight_code(code, lexer)
 
 
 def _render_callout(

@@ -671,6 +671,13 @@ class Pattern:
                 values[f"{prefix}.timeout_s"] = profile.timeout_s
         return values
 
+    def programs(self) -> dict[str, list[NodeDef]]:
+        """Each program the nodes run, in spec order → the entries of ``nodes`` that run it."""
+        out: dict[str, list[NodeDef]] = {}
+        for d in self.nodes:
+            out.setdefault(d.program, []).append(d)
+        return out
+
     def user_nodes(self, names: Sequence[str]) -> list[str]:
         """Which of ``names`` (running nodes) make what users see (``users:``)."""
         return [n for n in names if n in self.users or _role_of(self, n) in self.users]
@@ -741,8 +748,12 @@ def _load(pattern_id: str, root: Path, mtime_ns: int, size: int) -> Pattern:
 
 def program_path(pattern: Pattern, program: str) -> Path:
     """Where a node's program is: the pattern's folder, else the shared programs."""
-    own = pattern.folder / program
-    return own if own.is_file() else pattern.folder.parent.parent / "programs" / program
+    return _program_file(pattern.folder, program)
+
+
+def _program_file(folder: Path, program: str) -> Path:
+    own = folder / program
+    return own if own.is_file() else folder.parent.parent / "programs" / program
 
 
 def pattern_problems(root: Path = PATTERNS_ROOT) -> list[tuple[Path, int, str]]:
@@ -990,10 +1001,7 @@ class _Spec:
             self.keys(m, where, ["role", "program"], ["name", "count", "env"])
             role = self.text(m, "role", f"{where}.role", NAME_RE)
             program = self.text(m, "program", f"{where}.program", PROGRAM_RE)
-            if (
-                not (folder / program).is_file()
-                and not (folder.parent.parent / "programs" / program).is_file()
-            ):
+            if not _program_file(folder, program).is_file():
                 folder_shown = self.shown.rsplit("/", 1)[0] + "/"
                 self.fail(
                     self.line(m, "program"),

@@ -9,11 +9,10 @@ from django.utils import timezone
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 from django_htmx.http import reswap, retarget
-from pygments import highlight
-from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
 from apps.accounts.http import AuthedHttpRequest
+from apps.courses.content import highlight_code
 from apps.labs import selectors, services
 from apps.labs.engine import EngineError, get_engine
 from apps.labs.models import Fault, Sandbox
@@ -61,8 +60,8 @@ def panel_context(
         spec = load_pattern(sandbox.pattern)
         context["topology"] = topology(spec, sandbox)
         context["programs"] = [
-            {"program": program, "nodes": [d.name for d in spec.nodes if d.program == program]}
-            for program in dict.fromkeys(d.program for d in spec.nodes)
+            {"program": program, "nodes": [d.name for d in defs]}
+            for program, defs in spec.programs().items()
         ]
         context.update(faults_context(sandbox, spec))
         context.update(controls_context(sandbox, spec))
@@ -321,9 +320,6 @@ def sandbox_controls(request: AuthedHttpRequest, sandbox_id: str) -> HttpRespons
     return render(request, CONTROLS, context, status=400 if message else 200)
 
 
-_CODE_FORMATTER = HtmlFormatter(cssclass="highlight", wrapcode=True)
-
-
 @require_safe
 @login_required
 def program_source(request: AuthedHttpRequest, pattern: str, program: str) -> HttpResponse:
@@ -333,22 +329,20 @@ def program_source(request: AuthedHttpRequest, pattern: str, program: str) -> Ht
         spec = load_pattern(pattern)
     except PatternError:
         raise Http404("No such pattern.") from None
-    runs = [
-        f"{n.role}-1 … {n.role}-{n.max_count}" if n.replicated else n.name
-        for n in spec.nodes
-        if n.program == program
-    ]
-    if not runs:
+    programs = spec.programs()
+    if program not in programs:
         raise Http404("No such program in this pattern.")
-    source = program_path(spec, program).read_text(encoding="utf-8")
+    path = program_path(spec, program)
+    source = path.read_text(encoding="utf-8")
+    defs = programs[program]
     context = {
         "pattern": spec,
         "program": program,
-        "nodes": runs,
-        "plural": len(runs) > 1 or any(n.replicated for n in spec.nodes if n.program == program),
-        "shared": not (spec.folder / program).is_file(),
-        "code": mark_safe(highlight(source, PythonLexer(), _CODE_FORMATTER)),  # noqa: S308 - Pygments escapes the source
+        "nodes": [f"{d.role}-1 … {d.role}-{d.max_count}" if d.replicated else d.name for d in defs],
+        "plural": len(defs) > 1 or defs[0].replicated,
+        "shared": path.parent != spec.folder,
+        "code": mark_safe(highlight_code(source, PythonLexer())),  # noqa: S308 - Pygments escapes the source
         "lines": source.count("\n") + 1,
-        "programs": sorted({n.program for n in spec.nodes}),
+        "programs": sorted(programs),
     }
     return render(request, "labs/program.html", context)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -42,6 +44,18 @@ def get(
         return Answer(response.status, dict(response.getheaders()), response.read())
     finally:
         connection.close()
+
+
+def put_back(cluster: LocalCluster, names: Iterable[str]) -> None:
+    """After a test: every node running again (a paused one resumed, a stopped one
+    restarted at its address) and its runtime faults cleared."""
+    for name in names:
+        node = cluster.nodes[name]
+        if node.running:
+            os.kill(node.pid, signal.SIGCONT)  # harmless unless the test paused it
+        else:
+            cluster.restart(name)
+        cluster.ctl(name, {"op": "clear"})
 
 
 def configure(cluster: LocalCluster, name: str, **settings: Any) -> None:

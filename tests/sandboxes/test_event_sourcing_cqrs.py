@@ -24,7 +24,14 @@ import pytest
 
 from apps.labs.patterns import Pattern, load_pattern
 from sandboxes.runtime.testing import LocalCluster, wait_for
-from tests.sandboxes.helpers import assert_quiet, assert_well_formed, configure, fault, get
+from tests.sandboxes.helpers import (
+    assert_quiet,
+    assert_well_formed,
+    configure,
+    fault,
+    get,
+    put_back,
+)
 
 PATTERN = "event-sourcing-cqrs"
 PROJECTORS = ["projector-balances", "projector-history"]
@@ -74,13 +81,7 @@ def sandbox(pattern: Pattern) -> Iterator[LocalCluster]:
 @pytest.fixture
 def cluster(sandbox: LocalCluster) -> Iterator[LocalCluster]:
     yield sandbox
-    for name in NODES:
-        node = sandbox.nodes[name]
-        if node.running:
-            os.kill(node.pid, signal.SIGCONT)  # a paused node carries on
-        else:
-            sandbox.restart(name)
-        sandbox.ctl(name, {"op": "clear"})
+    put_back(sandbox, NODES)
     for name, settings in DEFAULTS.items():
         configure(sandbox, name, **settings)
     wait_caught_up(sandbox)

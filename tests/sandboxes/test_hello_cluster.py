@@ -29,7 +29,14 @@ import pytest
 
 from apps.labs.patterns import Pattern, load_pattern
 from sandboxes.runtime.testing import LocalCluster
-from tests.sandboxes.helpers import assert_quiet, assert_well_formed, configure, fault, get
+from tests.sandboxes.helpers import (
+    assert_quiet,
+    assert_well_formed,
+    configure,
+    fault,
+    get,
+    put_back,
+)
 
 PATTERN = "hello-cluster"
 NODES = ["profile", "greeting", "front", "traffic"]
@@ -59,14 +66,7 @@ def sandbox(pattern: Pattern) -> Iterator[LocalCluster]:
 @pytest.fixture
 def cluster(sandbox: LocalCluster) -> Iterator[LocalCluster]:
     yield sandbox
-    for name in NODES:
-        node = sandbox.nodes[name]
-        if node.running:
-            os.kill(node.pid, signal.SIGCONT)  # harmless unless the test paused it
-        else:
-            sandbox.restart(name)
-    for name in NODES:
-        sandbox.ctl(name, {"op": "clear"})
+    put_back(sandbox, NODES)
     configure(sandbox, "front", call_timeout_s=TIMEOUT_S)
     configure(sandbox, "traffic", rps=RPS)
     wait_healthy(sandbox)
