@@ -59,7 +59,7 @@ from apps.labs.image import ensure_image  # noqa: E402
 from apps.labs.patterns import load_pattern  # noqa: E402
 
 OWNER = "bench-launch"
-PATTERN = "replicated-lb"  # the default; --pattern picks another
+DEFAULT_PATTERN = "replicated-lb"  # --pattern picks another
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -68,12 +68,12 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[index]
 
 
-def make_spec() -> SandboxSpec:
-    nodes = load_pattern(PATTERN).expand()
+def make_spec(pattern: str) -> SandboxSpec:
+    nodes = load_pattern(pattern).expand()
     return SandboxSpec(
         sandbox_id=uuid.uuid4().hex,
         owner=OWNER,
-        pattern=PATTERN,  # set by main() from --pattern
+        pattern=pattern,
         expires_at=datetime.now(UTC) + timedelta(minutes=10),
         nodes=tuple(NodeSpec(n.name, n.role, n.program, dict(n.env)) for n in nodes),
     )
@@ -115,9 +115,9 @@ def wait_healthy(engine: DockerEngine, spec: SandboxSpec, timeout: float = 60.0)
         raise SystemExit(f"nodes never answered: {', '.join(failures)}")
 
 
-def engine_launch(engine: DockerEngine) -> tuple[float, float]:
+def engine_launch(engine: DockerEngine, pattern: str) -> tuple[float, float]:
     """(seconds until create() returned, seconds until every node answered)."""
-    spec = make_spec()
+    spec = make_spec(pattern)
     try:
         start = time.perf_counter()
         engine.create(spec)
@@ -128,10 +128,10 @@ def engine_launch(engine: DockerEngine) -> tuple[float, float]:
         engine.destroy(spec.sandbox_id)
 
 
-def cli_launch(engine: DockerEngine, docker_cli: str) -> float:
+def cli_launch(engine: DockerEngine, docker_cli: str, pattern: str) -> float:
     """The baseline: the same sandbox, one `docker run -d` after the other (a holder,
     then its node)."""
-    spec = make_spec()
+    spec = make_spec(pattern)
     labels = engine._sandbox_labels(spec)
     peers = [(n.name, n.role) for n in spec.nodes]
     network = engine.network_name(spec.sandbox_id)
@@ -211,11 +211,10 @@ def summary(samples: list[float]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10, help="launches of each kind (>= 10)")
-    parser.add_argument("--pattern", default=PATTERN, help="the pattern to launch")
+    parser.add_argument("--pattern", default=DEFAULT_PATTERN, help="the pattern to launch")
     args = parser.parse_args()
-    global PATTERN
-    PATTERN = args.pattern
-    nodes = len(load_pattern(PATTERN).expand())
+    pattern = args.pattern
+    nodes = len(load_pattern(pattern).expand())
     docker_cli = shutil.which("docker")
     if docker_cli is None:
         raise SystemExit("the docker command line is missing (apt-get install docker.io)")
@@ -227,16 +226,16 @@ def main() -> None:
         if info.owner == OWNER:
             engine.destroy(info.sandbox_id)
     try:
-        engine_launch(engine)  # warm-ups: page cache, image layers, the daemon's own
-        cli_launch(engine, docker_cli)
+        engine_launch(engine, pattern)  # warm-ups: page cache, image layers, the daemon's own
+        cli_launch(engine, docker_cli, pattern)
         created: list[float] = []
         healthy: list[float] = []
         baseline: list[float] = []
         for _ in range(args.runs):
-            made, ready = engine_launch(engine)
+            made, ready = engine_launch(engine, pattern)
             created.append(made)
             healthy.append(ready)
-            baseline.append(cli_launch(engine, docker_cli))
+            baseline.append(cli_launch(engine, docker_cli, pattern))
     finally:
         for info in engine.list_sandboxes():
             if info.owner == OWNER:
@@ -250,7 +249,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "launch",
-                "pattern": PATTERN,
+                "pattern": pattern,
                 "nodes": nodes,
                 "containers": 2 * nodes,  # a network holder and a node container per node
                 "runs": args.runs,

@@ -324,8 +324,9 @@ class Observe:
 @dataclass(frozen=True)
 class Control:
     """A live control. ``choice``, ``toggle`` and ``number`` set the setting ``key`` of
-    ``node`` (``{"op": "config", "set": {key: value}}``); ``scale`` sets how many
-    instances of the replicated ``role`` run."""
+    ``node`` (``{"op": "config", "set": {key: value}}``): a single node, or a replicated
+    role (``replicated``: every instance, those started later included); ``scale`` sets how
+    many instances of the replicated ``role`` run."""
 
     id: str
     label: str
@@ -338,6 +339,13 @@ class Control:
     max: float | None = None
     step: float | None = None
     default: Any = None
+    replicated: bool = False
+
+    def applies_to(self, name: str, role: str) -> bool:
+        """Whether this control sets a setting of the node ``name`` (of ``role``)."""
+        if self.kind == "scale":
+            return False
+        return self.node == (role if self.replicated else name)
 
     def validate(self, value: Any) -> Any:
         """Return ``value`` as this control takes it, or raise ValueError saying why not."""
@@ -1427,7 +1435,7 @@ class _Spec:
                 step=1,
                 default=node_def.count,
             )
-        node = self.single(m, "node", f"{where}.node", by_name)
+        node = self.endpoint(m, "node", f"{where}.node", by_name)  # a node or a whole role
         key = self.text(m, "key", f"{where}.key", KEY_RE)
         if kind == "choice":
             seq = self.sequence(m, "choices", f"{where}.choices")
@@ -1452,7 +1460,7 @@ class _Spec:
             except ValueError as exc:
                 self.fail(self.line(m, "default"), f"{where}.default: {exc}")
             control = dataclasses.replace(control, default=default)
-        return control
+        return dataclasses.replace(control, replicated=by_name[node].replicated)
 
     # -- experiments --
 

@@ -583,12 +583,25 @@ def sandbox_control(*, sandbox: Sandbox, control_id: str, value: Any) -> dict[st
         assert control.role is not None
         return sandbox_scale(sandbox=sandbox, role=control.role, count=int(checked))
     engine = get_engine()
-    assert control.node is not None
-    reply = engine.control(
-        sandbox.hex, control.node, {"op": "config", "set": {control.key: checked}}
-    )
-    if not reply.get("ok"):
-        raise SandboxError(f"Node {control.node} refused: {reply.get('error')}")
+    targets = [n.name for n in sandbox.nodes.all() if control.applies_to(n.name, n.role)]
+    down: list[EngineError] = []
+    for name in sorted(targets, key=_natural):
+        try:
+            reply = engine.control(
+                sandbox.hex, name, {"op": "config", "set": {control.key: checked}}
+            )
+        except EngineError as exc:
+            if len(targets) == 1:
+                raise
+            # One instance of a role is down (killed, say): it is given the learner's
+            # settings when it comes back (_reapply_controls), like a restarted node.
+            log.info("control %s not sent to %s for now: %s", control_id, name, exc)
+            down.append(exc)
+            continue
+        if not reply.get("ok"):
+            raise SandboxError(f"Node {name} refused: {reply.get('error')}")
+    if down and len(down) == len(targets):
+        raise down[0]
     with transaction.atomic():
         locked = _locked(sandbox.pk)
         locked.controls = {**locked.controls, control_id: checked}
@@ -649,6 +662,8 @@ def sandbox_scale(*, sandbox: Sandbox, role: str, count: int) -> dict[str, Any]:
     # Only the new nodes: one that a fault has killed meanwhile is not waited for.
     _wait_ready(sandbox, sandbox_spec(sandbox=sandbox, pattern=pattern), names=set(wanted) - have)
     _push_peers(sandbox)
+    for name in sorted(set(wanted) - have, key=_natural):  # a role's settings reach new nodes
+        _reapply_controls(sandbox, name)
     return {"control": "scale", "role": role, "count": count}
 
 
@@ -689,10 +704,14 @@ def _reapply_controls(sandbox: Sandbox, name: str) -> None:
     """A restarted node starts from its defaults: give it back the learner's settings."""
     sandbox.refresh_from_db(fields=["controls"])
     pattern = load_pattern(sandbox.pattern)
+    node_def = pattern.node_def(name)
+    if node_def is None:
+        return
+    role = node_def.role
     changes = {
         c.key: sandbox.controls[c.id]
         for c in pattern.controls
-        if c.node == name and c.key is not None and c.id in sandbox.controls
+        if c.applies_to(name, role) and c.key is not None and c.id in sandbox.controls
     }
     if not changes:
         return

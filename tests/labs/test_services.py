@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from datetime import timedelta
@@ -11,6 +12,7 @@ from apps.accounts.models import User
 from apps.labs import services
 from apps.labs.engine.base import Engine, EngineError
 from apps.labs.models import Fault, Node, Sandbox
+from apps.labs.patterns import Control, load_pattern
 from tests.labs.engine.test_contract import wait_for
 
 pytestmark = pytest.mark.django_db
@@ -240,6 +242,33 @@ def test_live_controls_and_scaling(learner: User, local_engine: Engine) -> None:
     assert len(local_engine.status(sandbox.hex)) == 4
     with pytest.raises(services.SandboxError, match="from 1 to 6"):
         services.sandbox_control(sandbox=sandbox, control_id="replicas", value=9)
+
+
+def test_a_control_on_a_role_reaches_every_instance_new_and_restarted_ones_too(
+    learner: User, local_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A control that names a replicated role sets its key on every instance; an instance
+    that is down meanwhile, and one started later by scaling, get it when they come up."""
+    real = load_pattern("replicated-lb")
+    work = Control("work", "Replica work (ms)", "number", node="replica", key="work_ms",
+                   min=0, max=10_000, default=5.0, replicated=True)  # fmt: skip
+    pattern = dataclasses.replace(real, controls=(*real.controls, work))
+    monkeypatch.setattr(services, "load_pattern", lambda _id: pattern)
+    sandbox = launch(learner)
+    services.fault_inject(sandbox=sandbox, node_name="replica-2", kind="kill", enqueue=False)
+
+    services.sandbox_control(sandbox=sandbox, control_id="work", value=40)
+    assert [
+        node_state(local_engine, sandbox, f"replica-{i}")["config"]["work_ms"] for i in (1, 3)
+    ] == [
+        40,
+        40,
+    ]
+    assert node_state(local_engine, sandbox, "lb")["config"].get("work_ms") is None
+    services.fault_revert(fault_id=sandbox.faults.get().pk)
+    assert node_state(local_engine, sandbox, "replica-2")["config"]["work_ms"] == 40
+    services.sandbox_control(sandbox=sandbox, control_id="replicas", value=4)
+    assert node_state(local_engine, sandbox, "replica-4")["config"]["work_ms"] == 40
 
 
 def test_scaling_while_a_replica_is_killed_waits_only_for_the_new_ones(

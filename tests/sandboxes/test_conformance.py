@@ -45,16 +45,19 @@ def test_each_control_maps_to_a_setting_of_its_node(running: tuple[Pattern, Loca
             assert (control.min, control.max) == (node_def.min_count, node_def.max_count)
             continue
         assert control.node is not None and control.key is not None
-        state = cluster.ctl(control.node, {"op": "state"})
-        assert control.key in state["config_schema"], f"{control.id}: {control.node} lacks it"
-        schema = state["config_schema"][control.key]
-        assert state["config"][control.key] == control.default, control.id
-        if control.kind == "choice":
-            assert schema["type"] == "choice" and tuple(schema["choices"]) == control.choices
-        elif control.kind == "toggle":
-            assert schema["type"] == "bool"
-        else:
-            assert (schema["min"], schema["max"]) == (control.min, control.max), control.id
+        targets = [n.name for n in pattern.expand() if control.applies_to(n.name, n.role)]
+        assert targets, f"{control.id}: sets nothing"
+        for name in targets:  # a control on a role: every instance
+            state = cluster.ctl(name, {"op": "state"})
+            assert control.key in state["config_schema"], f"{control.id}: {name} lacks it"
+            schema = state["config_schema"][control.key]
+            assert state["config"][control.key] == control.default, control.id
+            if control.kind == "choice":
+                assert schema["type"] == "choice" and tuple(schema["choices"]) == control.choices
+            elif control.kind == "toggle":
+                assert schema["type"] == "bool"
+            else:
+                assert (schema["min"], schema["max"]) == (control.min, control.max), control.id
 
 
 def test_every_declared_observation_is_reported(running: tuple[Pattern, LocalCluster]) -> None:
