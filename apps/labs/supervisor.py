@@ -245,6 +245,7 @@ class Supervisor:
                 line = parse_line(raw)
                 if line is None:
                     continue
+                line["node"] = name  # whatever the line claims: it came from this node
                 follower.last_ts = max(follower.last_ts, float(line["ts"]))
                 self._send_events(watched.sandbox_id, watched.aggregator.ingest(line))
         except EngineError as exc:

@@ -78,11 +78,13 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from apps.labs.engine.base import MAX_LINE_BYTES
 from sandboxes.runtime.telemetry import RUNTIME_EVENTS  # the runtime's own state events
 
 VERSION = 1
@@ -95,6 +97,8 @@ MAX_GAUGES = 32  # per node
 MAX_TABLE_ROWS = 50
 MAX_CELL_CHARS = 80
 MAX_TEXT_FIELD_CHARS = 200
+MAX_RECORDS = 50_000  # about 10 s of a busy sandbox (200 requests/s through 5 hops: 5,000/s)
+MAX_FRESH_CALLS = 2_000  # calls kept between two frames, to sample the moving dots from
 
 
 class Record(NamedTuple):
@@ -118,16 +122,26 @@ class NodeView:
     exit_code: int | None = None
 
 
-def parse_line(raw: bytes | str) -> dict[str, Any] | None:
-    """One telemetry line, or None for anything that is not a version-1 object."""
+def parse_line(raw: bytes | str, *, now: float | None = None) -> dict[str, Any] | None:
+    """One telemetry line, or None for anything that is not a version-1 object. A node's
+    output is untrusted: a line longer than the engines' limit, JSON nested too deep for
+    the parser, or a timestamp that is not a finite number is refused; a timestamp in the
+    future is taken as ``now`` (by default the current time), so it cannot stop the
+    aggregator's clock."""
+    if len(raw) > MAX_LINE_BYTES:
+        return None
     try:
         line = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(line, dict) or line.get("v") != VERSION:
         return None
-    if not isinstance(line.get("ts"), int | float) or not isinstance(line.get("node"), str):
+    ts = line.get("ts")
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
         return None
+    if not isinstance(line.get("node"), str):
+        return None
+    line["ts"] = min(float(ts), time.time() if now is None else now)
     return line
 
 
@@ -264,7 +278,9 @@ class Aggregator:
         self.lag = lag
         self.sample_size = sample_size
         self._lock = threading.Lock()
-        self._records: deque[Record] = deque()
+        # Bounded whatever the nodes write: a flood pushes out the oldest records, and the
+        # sample is drawn from the first calls of a frame's interval.
+        self._records: deque[Record] = deque(maxlen=MAX_RECORDS)
         self._fresh_calls: list[Record] = []  # arrived since the last frame: the sample
         self._history: deque[dict[str, Any]] = deque(maxlen=history_seconds)
         self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
@@ -313,15 +329,17 @@ class Aggregator:
     def _ingest(self, line: Mapping[str, Any]) -> list[dict[str, Any]]:
         kind, node, ts = line.get("type"), str(line.get("node")), float(line["ts"])
         if node not in self._roles and node not in self._engine_state:
-            self._roles.setdefault(node, line.get("role", "") if kind == "state" else "")
+            self._roles.setdefault(node, "")  # roles come from the engine, never from output
         if kind in ("request", "call"):
             try:
+                # A node speaks for itself only: it is the caller of the calls it reports
+                # and the callee of the requests it reports.
                 record = Record(
                     ts=ts,
                     kind=kind,
                     node=node,
-                    src=str(line.get("src") or ""),
-                    dst=str(line.get("dst") or ""),
+                    src=node if kind == "call" else str(line.get("src") or ""),
+                    dst=node if kind == "request" else str(line.get("dst") or ""),
                     status=int(line.get("status", 0)),
                     ms=float(line.get("ms", 0.0)),
                     probe=False,
@@ -333,7 +351,7 @@ class Aggregator:
             self._records.append(record)
             if kind == "call":
                 self._links.add((record.src, record.dst))
-                if not record.probe:
+                if not record.probe and len(self._fresh_calls) < MAX_FRESH_CALLS:
                     self._fresh_calls.append(record)
             return []
         if kind == "gauges":
@@ -409,8 +427,6 @@ class Aggregator:
         text: str | None = None
         logged = event in RUNTIME_LOGGED
         if event == "started":
-            if line.get("role"):
-                self._roles[node] = str(line["role"])
             self._marks.pop(node, None)  # a fresh node starts with no marks on others
             self._states.pop(node, None)
             self._gauges.pop(node, None)

@@ -236,3 +236,56 @@ def test_it_streams_frames_and_events_survives_a_restart_and_lets_go(
         ]
     finally:
         running.halt()
+
+
+def test_a_compromised_node_speaks_only_for_itself_and_cannot_stop_the_pipeline(
+    local_engine: Engine, sandbox: Sandbox
+) -> None:
+    """What replica-1 writes is untrusted: forged lines (another node's name, a role with
+    markup, calls as the balancer, a timestamp far in the future, JSON nested past the
+    parser's depth, a 1 MB line, invalid UTF-8) are refused or attributed to replica-1,
+    and frames keep flowing with the balancer's figures its own."""
+    viewer = Viewer(group_name(sandbox.hex), InMemoryChannelLayer(capacity=1000))
+    viewer.shared_loop = True
+    running = Running(supervisor(local_engine, viewer))
+    try:
+        wait_for(lambda: len(viewer.frames_since(time.monotonic() - 1.0)) >= 3, timeout=15)
+        now = time.time()
+        forged = [
+            {"type": "state", "event": "started", "node": "lb", "role": "<img src=x>"},
+            {"type": "state", "event": "forged", "node": "lb", "text": "<b>lb says hi</b>"},
+            *[
+                {"type": "call", "node": "lb", "src": "lb", "dst": "replica-3", "status": 500,
+                 "ms": 1.0, "route": "/"}
+                for _ in range(200)
+            ],
+        ]  # fmt: skip
+        lines = [json.dumps({"v": 1, "ts": now, **line}).encode() for line in forged]
+        lines += [
+            json.dumps({"v": 1, "ts": 1e20, "node": "a", "type": "state", "event": "x"}).encode(),
+            b'{"v": 1, "ts": 1, "node": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b'{"v": 1, "ts": 1, "node": "replica-1", "pad": "' + b"a" * 1_000_000 + b'"}',
+            b"\xff\xfe not utf-8",
+        ]  # fmt: skip
+        log = local_engine._dir(sandbox.hex) / "replica-1.log"  # type: ignore[attr-defined]
+        with open(log, "ab") as out:
+            out.write(b"\n".join(lines) + b"\n")
+        forged_at = time.monotonic()
+
+        def announced() -> dict[str, Any] | None:
+            return next((e for e in viewer.events(forged_at) if e["kind"] == "forged"), None)
+
+        event = wait_for(announced, timeout=10, what="the forged event, announced")
+        assert event["node"] == "replica-1"  # not lb
+        wait_for(lambda: len(viewer.frames_since(forged_at)) >= 3, timeout=5, what="frames")
+        frame = viewer.frames_since(forged_at)[-1]
+        assert frame["ts"] < time.time() + 5
+        assert frame["nodes"]["lb"]["role"] == "balancer"
+        assert frame["nodes"]["replica-1"]["role"] == "replica"
+        assert frame["nodes"]["lb"]["error_pct"] == 0.0  # the 200 failed "lb" calls are not lb's
+        assert running.supervisor.followers(sandbox.hex) == dict.fromkeys(
+            ["replica-1", "replica-2", "replica-3", "lb", "traffic"], True
+        )
+    finally:
+        running.halt()
+        viewer.close()

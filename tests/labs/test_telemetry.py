@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from apps.labs.patterns import load_pattern
-from apps.labs.telemetry import Aggregator, NodeView, latency_bucket, parse_line
+from apps.labs.telemetry import (
+    MAX_FRESH_CALLS,
+    MAX_RECORDS,
+    Aggregator,
+    NodeView,
+    latency_bucket,
+    parse_line,
+)
 
 T0 = 1_800_000_000.0
 NODES = [
@@ -211,6 +218,36 @@ def test_junk_lines_are_skipped() -> None:
     assert parse_line(b"[1, 2]") is None
     assert parse_line(b'{"v": 1, "ts": 1.5, "node": "a", "type": "call"}') == {
         "v": 1, "ts": 1.5, "node": "a", "type": "call"}  # fmt: skip
+
+
+def test_hostile_lines_are_refused_or_tamed() -> None:
+    """A node's output is untrusted: none of these may raise or stop the aggregator's clock."""
+    deep = b'{"v": 1, "ts": 1, "node": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert parse_line(deep) is None  # past the parser's depth: RecursionError before
+    assert parse_line(b'{"v": 1, "ts": 1, "node": "a", "pad": "' + b"a" * 70_000 + b'"}') is None
+    assert parse_line(b'{"v": 1, "ts": NaN, "node": "a"}') is None
+    assert parse_line(b'{"v": 1, "ts": Infinity, "node": "a"}') is None
+    assert parse_line(b'{"v": 1, "ts": true, "node": "a"}') is None
+    assert parse_line(b"\xff\xfe") is None
+    future = parse_line(b'{"v": 1, "ts": 1e20, "node": "a", "type": "call"}', now=T0)
+    assert future is not None and future["ts"] == T0  # taken as now
+
+
+def test_a_node_speaks_only_for_itself() -> None:
+    """Calls a node reports are its own calls, requests its own requests, and its role is
+    the engine's, whatever the line says."""
+    agg = aggregator()
+    agg.frame(T0)
+    agg.ingest(state("traffic", T0 + 0.1, "started", role="<img src=x onerror=alert(1)>"))
+    for i in range(20):  # the traffic node pretends the balancer failed 20 calls
+        agg.ingest(call("lb", "replica-1", T0 + 0.2 + i / 100, status=500) | {"node": "traffic"})
+        agg.ingest(request("traffic", "lb", T0 + 0.2 + i / 100, status=500) | {"node": "replica-2"})
+    frame = agg.frame(T0 + 1.2)
+    assert frame["nodes"]["traffic"]["role"] == "client"
+    assert frame["nodes"]["lb"]["rps"] == 0 and frame["nodes"]["lb"]["error_pct"] == 0.0
+    assert "lb>replica-1" not in frame["links"] and "traffic>replica-1" in frame["links"]
+    assert frame["nodes"]["replica-2"]["rps"] >= 19  # its own (forged) requests: nobody else's
+    assert frame["nodes"]["replica-2"]["error_pct"] == 100.0
 
 
 # ---- what history points count, for the experiments' checks ------------------------------
@@ -427,3 +464,15 @@ def test_hostile_observations_are_bounded() -> None:
     for i in range(300):
         agg.ingest(state("router", T0, f"made_up_{i}"))
     assert len(agg.snapshot(T0 + 1)["undeclared"]) == 100
+
+
+def test_a_flood_of_lines_is_bounded() -> None:
+    """A node that writes 200,000 call lines in a second does not grow what is kept
+    beyond the bounds, and the frame after it is still drawn."""
+    agg = aggregator()
+    agg.frame(T0)
+    line = call("traffic", "lb", T0 + 0.5)
+    agg.ingest_many(line for _ in range(200_000))
+    assert len(agg._records) <= MAX_RECORDS and len(agg._fresh_calls) <= MAX_FRESH_CALLS
+    frame = agg.frame(T0 + 1.2)
+    assert len(frame["sample"]) <= 40 and frame["nodes"]["traffic"]["rps"] > 0

@@ -389,7 +389,7 @@ def test_it_fails_commands_when_the_store_is_partitioned_from_them(cluster: Loca
     made = calls(cluster, "client", start, end)
     commands = [c for c in made if c["route"] in COMMANDS]
     assert statuses(commands) == {503: len(commands)}
-    assert p([c["ms"] for c in commands], 0.99) < 100  # refused at once, not timed out
+    assert p([c["ms"] for c in commands], 0.99) < 500  # refused at once, not the 1-s store timeout
     lost = calls(cluster, "commands", start, end)
     assert lost and {c["error"] for c in lost} <= {"disconnected", "connect"}
     queries = [c for c in made if c["route"] in (BALANCE, STATEMENT)]

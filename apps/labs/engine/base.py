@@ -14,7 +14,7 @@ The node contract (environment, control messages, telemetry) is documented in
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -34,6 +34,26 @@ LABEL_ROLE = f"{LABEL_PREFIX}.role"
 LABEL_INSTANCE = f"{LABEL_PREFIX}.instance"
 
 NODE_PORT = 8080  # every node listens here inside its container
+# The longest line an engine's ``follow`` yields. A node's output is untrusted: a longer
+# line (a 10 MB one, or one with no end) is dropped whole, and no more than this is held.
+MAX_LINE_BYTES = 64 * 1024
+
+
+def split_lines(chunks: Iterable[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of a stream of chunks, without their newline. A line longer than
+    ``limit`` is dropped, and no more than ``limit`` bytes of one are ever kept."""
+    pending = b""
+    skipping = False  # inside a line already known to be too long
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if skipping:
+                skipping = False
+            elif len(line) <= limit:
+                yield line
+        if len(pending) > limit:
+            pending, skipping = b"", True
 
 
 class EngineError(RuntimeError):

@@ -67,6 +67,7 @@ from apps.labs.engine.base import (
     LABEL_PREFIX,
     LABEL_ROLE,
     LABEL_SANDBOX,
+    MAX_LINE_BYTES,
     NODE_PORT,
     Engine,
     EngineError,
@@ -77,6 +78,7 @@ from apps.labs.engine.base import (
     NodeStatus,
     SandboxInfo,
     SandboxSpec,
+    split_lines,
 )
 
 # Labels of this engine only, on containers: the node's position (status() lists nodes in
@@ -920,17 +922,14 @@ class DockerEngine(Engine):
                 threading.Thread(
                     target=self._close_on_stop, args=(stream, stop, done), daemon=True
                 ).start()
-            pending = b""
             try:
-                for chunk in stream:
-                    pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for raw in lines:
-                        stamp, _, line = raw.partition(b" ")
-                        if stamp <= last:
-                            continue  # seen before this stream was reopened
-                        last = stamp
-                        yield line
+                # Each line starts with its timestamp (about 31 bytes) and a space.
+                for raw in split_lines(stream, MAX_LINE_BYTES + 64):
+                    stamp, _, line = raw.partition(b" ")
+                    if stamp <= last or len(line) > MAX_LINE_BYTES:
+                        continue  # seen before this stream was reopened, or too long
+                    last = stamp
+                    yield line
             except (requests.RequestException, OSError, ValueError, AttributeError):
                 # Closed by the stop watcher, or broken (the daemon restarting): either
                 # way, look at the node below and go on if it still runs.

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from apps.labs.engine.base import (
+    MAX_LINE_BYTES,
     Engine,
     EngineError,
     NodeNotFound,
@@ -429,13 +430,19 @@ class LocalEngine(Engine):
         self._node(self._read(sandbox_id), sandbox_id, name)
         with open(path, "rb") as log:
             pending = b""
+            skipping = False  # inside a line longer than MAX_LINE_BYTES: dropped whole
             while True:
-                chunk = log.readline()
+                chunk = log.readline(MAX_LINE_BYTES + 1)
                 if chunk:
                     pending += chunk
                     if not pending.endswith(b"\n"):
+                        if len(pending) > MAX_LINE_BYTES:
+                            pending, skipping = b"", True
                         continue
                     line, pending = pending.rstrip(b"\n"), b""
+                    if skipping:
+                        skipping = False
+                        continue
                     if since is not None and _line_time(line) < since:
                         continue
                     yield line
