@@ -37,8 +37,8 @@ if not SECRET_KEY:
             "SECRET_KEY: required when DEBUG is off (set SECRET_KEY or SECRET_KEY_FILE)"
         )
     SECRET_KEY = DEV_SECRET_KEY
-elif len(SECRET_KEY) < 32 and not DEBUG:
-    raise ImproperlyConfigured("SECRET_KEY: must be at least 32 characters long")
+elif len(SECRET_KEY) < 50 and not DEBUG:
+    raise ImproperlyConfigured("SECRET_KEY: must be at least 50 characters long")
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS")
@@ -206,9 +206,17 @@ CONTENT_DIR = Path(env.str("CONTENT_DIR", str(BASE_DIR / "content")))
 CONTENT_AUTO_SYNC = env.bool("CONTENT_AUTO_SYNC", DEBUG)
 
 # --- Sandboxes ------------------------------------------------------------------------
-SANDBOX_ENGINE = env.str("SANDBOX_ENGINE", "auto")
+# Isolation is never dropped silently: ``auto`` (Docker when it answers, local processes
+# otherwise) is for development only; a server uses Docker unless told ``local``.
+SANDBOX_ENGINE = env.str("SANDBOX_ENGINE", "auto" if DEBUG else "docker")
 if SANDBOX_ENGINE not in {"auto", "docker", "local"}:
     raise ImproperlyConfigured("SANDBOX_ENGINE: expected auto, docker or local")
+if SANDBOX_ENGINE == "auto" and not DEBUG:
+    raise ImproperlyConfigured(
+        "SANDBOX_ENGINE: auto is for development (DEBUG=true): it would run sandboxes as "
+        "local processes, without isolation, whenever Docker does not answer. Set docker, "
+        "or local to run them without isolation on purpose"
+    )
 DOCKER_HOST = env.str("DOCKER_HOST")  # empty: the default socket
 SANDBOX_RUNTIME = env.str("SANDBOX_RUNTIME", "runc")  # the OCI runtime, e.g. runsc
 # Labels this installation's containers and networks, so that housekeeping never removes

@@ -42,7 +42,8 @@ def test_check_deploy_is_clean_under_production_settings() -> None:
     ("env", "message"),
     [
         ({"DEBUG": "false", "SECRET_KEY": ""}, "SECRET_KEY: required when DEBUG is off"),
-        ({**PRODUCTION, "SECRET_KEY": "short"}, "SECRET_KEY: must be at least 32"),
+        ({**PRODUCTION, "SECRET_KEY": "x" * 49}, "SECRET_KEY: must be at least 50"),
+        ({**PRODUCTION, "SANDBOX_ENGINE": "auto"}, "SANDBOX_ENGINE: auto is for development"),
         ({"DEBUG": "maybe"}, "DEBUG: expected true or false, got 'maybe'"),
         ({"DEBUG": "true", "DATABASE_URL": "mysql://x"}, "DATABASE_URL: expected a URL"),
         ({"DEBUG": "true", "REDIS_URL": "http://x"}, "REDIS_URL: expected a URL"),
@@ -57,6 +58,16 @@ def test_a_bad_setting_stops_start_up_naming_the_variable(
     result = manage("check", env=env)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_outside_debug_sandboxes_run_on_docker_unless_local_is_chosen() -> None:
+    """Without DEBUG the engine is Docker by default: no silent fallback to local
+    processes (no isolation) when Docker does not answer."""
+    show = "from django.conf import settings; print(settings.SANDBOX_ENGINE)"
+    assert manage("shell", "-c", show, env=PRODUCTION).stdout.split()[-1:] == ["docker"]
+    local = manage("shell", "-c", show, env={**PRODUCTION, "SANDBOX_ENGINE": "local"})
+    assert local.stdout.split()[-1:] == ["local"]
+    assert manage("shell", "-c", show, env={"DEBUG": "true"}).stdout.split()[-1:] == ["auto"]
 
 
 def test_secrets_may_come_from_files(tmp_path: Path) -> None:
