@@ -53,6 +53,7 @@ from apps.labs.engine.docker import (  # noqa: E402
     LABEL_ADDRESS,
     LABEL_INDEX,
     LABEL_PART,
+    NODE_USER,
     DockerEngine,
 )
 from apps.labs.image import ensure_image  # noqa: E402
@@ -157,7 +158,7 @@ def cli_launch(engine: DockerEngine, docker_cli: str, pattern: str) -> float:
             env = engine._environment(spec, node, peers)
             holder = engine.holder_name(spec.sandbox_id, node.name)
             hardening = [
-                "--user", "10001:10001", "--read-only",
+                "--user", NODE_USER, "--read-only",
                 "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--ipc", "private",
                 "--log-driver", "json-file", "--log-opt", f"max-size={engine.log_max_size}",
                 "--log-opt", f"max-file={engine.log_max_file}",

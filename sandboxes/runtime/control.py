@@ -120,14 +120,16 @@ class ControlServer:
 
     async def start(self) -> None:
         path = Path(self.path)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The node's group may connect too: the Docker engine sends control messages as
+        # another user in the node's group, which the node cannot tamper with.
+        path.parent.mkdir(mode=0o710, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(path.lstat().st_mode):
                 path.unlink()  # left behind by a killed predecessor
         self._server = await asyncio.start_unix_server(
             self._serve, path=self.path, limit=MAX_MESSAGE_BYTES
         )
-        os.chmod(self.path, 0o600)
+        os.chmod(self.path, 0o660)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

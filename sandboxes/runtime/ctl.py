@@ -1,6 +1,7 @@
 """Send one control message to a node and print its reply.
 
     python3 -m sandboxes.runtime.ctl '{"op": "state"}'                 # socket: $DISTLAB_CONTROL
+    python3 -I -S sandboxes/runtime/ctl.py '{"op": "state"}'          # as the Docker engine does
     python3 -m sandboxes.runtime.ctl --socket /tmp/n.sock '{"op": "clear"}'
 
 Prints the node's reply (one JSON line) on stdout. Exit status: 0 if the reply says
@@ -8,7 +9,8 @@ Prints the node's reply (one JSON line) on stdout. Exit status: 0 if the reply s
 in time), 64 if the command line itself is wrong.
 
 Library use (the local engine): ``send(path, message, timeout=5.0) -> dict``.
-Standard library only, so it starts fast inside ``docker exec``.
+Standard library only and importing nothing of its own, so it starts fast inside
+``docker exec`` and runs as a plain script in an isolated interpreter (``python3 -I -S``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any, NoReturn
 
 EXIT_OK = 0
@@ -33,6 +36,7 @@ def send(path: str, message: dict[str, Any], timeout: float = 5.0) -> dict[str, 
     cannot be reached or sends no valid reply, TimeoutError when it does not answer within
     ``timeout`` seconds."""
     data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    deadline = time.monotonic() + timeout  # for the whole exchange, however it trickles
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -40,6 +44,10 @@ def send(path: str, message: dict[str, Any], timeout: float = 5.0) -> dict[str, 
         chunks: list[bytes] = []
         size = 0
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the node at {path} did not finish its reply in time")
+            sock.settimeout(left)
             chunk = sock.recv(65536)
             if not chunk:
                 break

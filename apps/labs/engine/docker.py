@@ -94,7 +94,13 @@ HOLDER_COMMAND = ["sleep", "infinity"]  # coreutils, in every Debian image
 NAME_PREFIX = "distlab"
 RUNTIME_DIR = "/opt/distlab"  # where the image keeps sandboxes/ (cwd and PYTHONPATH)
 CONTROL_SOCKET = "/tmp/distlab/control.sock"  # noqa: S108 (inside the node, on its tmpfs)
-NODE_USER = "10001:10001"  # the image's unprivileged user
+NODE_USER = "20001:20001"  # the image's unprivileged user (not the platform's 10001)
+# Control messages run as another user than the node's, in an isolated interpreter (-I: no
+# PYTHON* variables, no user site-packages; -S: no site module, so no .pth files), from the
+# read-only image: code a compromised node plants in its /tmp cannot run in them, and the
+# node cannot ptrace them.
+CONTROL_USER = "20002:20001"  # in the node's group: its control socket is 0660
+CONTROL_COMMAND = ["python3", "-I", "-S", "/opt/distlab/sandboxes/runtime/ctl.py"]
 MiB = 1024 * 1024
 # A holder runs docker-init and sleep: two processes, well under a MiB of memory. The
 # limit is higher than that because runc's own init runs in the container's cgroup while
@@ -871,10 +877,15 @@ class DockerEngine(Engine):
             raise EngineError(f"Node {name} is paused: it cannot answer until it is resumed.")
         if not info["State"].get("Running"):
             raise EngineError(f"Node {name} is not running: it cannot answer.")
-        command = ["python3", "-m", "sandboxes.runtime.ctl", json.dumps(dict(message))]
+        command = [*CONTROL_COMMAND, json.dumps(dict(message))]
         with self._errors(f"reach node {name}", sandbox_id=sandbox_id, node=name):
             exec_id = self.api.exec_create(
-                info["Id"], command, stdout=True, stderr=True, workdir=RUNTIME_DIR
+                info["Id"],
+                command,
+                stdout=True,
+                stderr=True,
+                workdir=RUNTIME_DIR,
+                user=CONTROL_USER,
             )["Id"]
             out, err = self.api.exec_start(exec_id, demux=True)
             code = self.api.exec_inspect(exec_id).get("ExitCode")

@@ -42,10 +42,12 @@ from apps.labs.engine.base import (
     SandboxSpec,
 )
 from apps.labs.engine.docker import (
+    CONTROL_USER,
     HOLDER_MEMORY,
     HOLDER_PIDS,
     LABEL_ADDRESS,
     LABEL_PART,
+    NODE_USER,
     DockerEngine,
 )
 from apps.labs.patterns import load_pattern
@@ -357,7 +359,7 @@ def test_concurrent_launches_share_out_a_small_pool(engine: DockerEngine) -> Non
 
 def assert_hardened(info: dict[str, Any]) -> None:
     host = info["HostConfig"]
-    assert info["Config"]["User"] == "10001:10001"
+    assert info["Config"]["User"] == NODE_USER != "10001:10001"  # not the platform's
     assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
     assert "no-new-privileges" in host["SecurityOpt"]
     assert host["Privileged"] is False
@@ -393,7 +395,7 @@ def test_every_container_is_hardened(engine: DockerEngine, lab: SandboxSpec) -> 
         assert held_labels[LABEL_SANDBOX] == lab.sandbox_id
         assert held_labels[LABEL_OWNER] == OWNER
         host = info["HostConfig"]
-        assert info["Config"]["User"] == "10001:10001"
+        assert info["Config"]["User"] == NODE_USER != "10001:10001"  # not the platform's
         assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
         assert "no-new-privileges" in host["SecurityOpt"]
         assert host["Privileged"] is False
@@ -444,7 +446,7 @@ print(status["CapEff"].strip(), status["NoNewPrivs"].strip())
     )
     assert code == 0, output
     lines = output.splitlines()
-    assert lines[0] == "10001 10001"
+    assert lines[0] == "20001 20001"
     assert lines[1] == "/opt/distlab/x 30" and lines[2] == "/etc/x 30"  # EROFS
     assert lines[3] == "/tmp/x writable"
     assert lines[4] == "0000000000000000 1"  # no capability, no new privileges
@@ -953,3 +955,27 @@ def test_ping_says_when_docker_does_not_answer(tmp_path: Any) -> None:
 def test_ping_answers_with_a_running_daemon(engine: DockerEngine) -> None:
     engine.ping()
     assert isinstance(engine.client, docker.DockerClient)
+
+
+HIJACK = r"""
+import os, sys
+site = "/tmp/.local/lib/python3.%d/site-packages" % sys.version_info.minor
+os.makedirs(site, exist_ok=True)
+with open(site + "/hijack.pth", "w") as pth:  # run by any interpreter that imports site
+    pth.write("import os; os.write(1, b'{\"ok\": true, \"forged\": true}\\n'); os._exit(0)\n")
+print("planted")
+"""
+
+
+def test_a_compromised_node_cannot_hijack_its_control_channel(
+    engine: DockerEngine, lab: SandboxSpec
+) -> None:
+    """Code running in the node plants a .pth file in its user site-packages (HOME=/tmp):
+    the platform's control messages still reach the real runtime and get its real reply,
+    run as another user than the node's, and the planted code never runs."""
+    code, output = run_in(engine, lab, "replica-1", HIJACK)
+    assert (code, output.strip()) == (0, "planted")
+    reply = engine.control(lab.sandbox_id, "replica-1", {"op": "state"})
+    assert reply.get("ok") is True and "forged" not in reply, reply
+    assert reply["node"] == "replica-1"
+    assert CONTROL_USER.split(":")[0] != NODE_USER.split(":")[0]
