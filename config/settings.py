@@ -237,6 +237,8 @@ SANDBOX_PER_INSTRUCTOR = env.int("SANDBOX_PER_INSTRUCTOR", 3, minimum=0)
 SANDBOX_MAX_TOTAL = env.int("SANDBOX_MAX_TOTAL", 30, minimum=1)
 SANDBOX_LAUNCH_TIMEOUT = env.int("SANDBOX_LAUNCH_TIMEOUT", 60, minimum=5)
 SANDBOX_REAP_INTERVAL = env.int("SANDBOX_REAP_INTERVAL", 30, minimum=5)
+# Live streams (lab pages) one user may have open at once, across every web process.
+SOCKETS_PER_USER = env.int("SOCKETS_PER_USER", 4, minimum=1)
 # Whether `manage.py serve` runs the telemetry supervisor inside the web process. It must
 # without Redis (the in-memory channel layer reaches only this process's viewers); with
 # Redis the classroom stack runs `manage.py supervise` as a service of its own.

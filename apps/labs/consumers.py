@@ -9,8 +9,12 @@ Refusals are sent as close codes after accepting, so browsers see them (a refusa
 accepting reaches them as a bare 403):
 
 * 4401 not signed in · 4404 no such sandbox, or not yours · 4410 the sandbox is not active
+* 4409 the user already has ``settings.SOCKETS_PER_USER`` streams open (other tabs)
 * 4413 a client message over ``MAX_MESSAGE_BYTES`` · 4429 more than ``MAX_MESSAGES`` client
   messages in ``RATE_WINDOW_S`` seconds.
+
+Each open stream holds one of its user's slots in the cache (shared by every web process),
+refreshed while it is open and freed when it closes, or ``SLOT_TTL_S`` after a process died.
 
 The only client message so far is ``{"type": "ping"}`` (answered ``{"type": "pong"}``).
 """
@@ -26,6 +30,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
@@ -38,6 +43,7 @@ from apps.labs.telemetry import empty_snapshot
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
+CLOSE_TOO_MANY_SOCKETS = 4409
 CLOSE_GONE = 4410
 CLOSE_TOO_BIG = 4413
 CLOSE_TOO_MANY = 4429
@@ -45,6 +51,7 @@ MAX_MESSAGE_BYTES = 4096
 MAX_MESSAGES = 20
 RATE_WINDOW_S = 5.0
 TOUCH_EVERY_S = 60.0
+SLOT_TTL_S = 3 * TOUCH_EVERY_S
 EVENT_OOB = "labs/sandbox.html#event_oob"
 EVENTS = "labs/sandbox.html#events"
 # The supervisor's messages (``apps/labs/supervisor.py``) and their handlers.
@@ -96,16 +103,24 @@ def _check(sandbox: Sandbox, *, touch: bool) -> bool:
     return state in ACTIVE_STATES
 
 
+def _slot_key(user_id: int, index: int) -> str:
+    return f"labs:ws-slot:{user_id}:{index}"
+
+
 class SandboxConsumer(AsyncJsonWebsocketConsumer):
     sandbox: Sandbox | None = None
     group: str | None = None
     touched: float | None = None  # monotonic time of the last check (and touch)
+    slot: str | None = None  # the cache key of the user's slot this stream holds
 
     async def connect(self) -> None:
         await self.accept()
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        if not await self._take_slot(user.pk):
+            await self.close(code=CLOSE_TOO_MANY_SOCKETS)
             return
         try:
             sandbox = await _sandbox_for(user, self.scope["url_route"]["kwargs"]["sandbox_id"])
@@ -133,6 +148,22 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             self.group = None
+        await self._free_slot()
+
+    async def _take_slot(self, user_id: int) -> bool:
+        """One of the user's open-stream slots (``cache.add`` is atomic), or False: a few
+        tabs per user, so that one user's hundreds of sockets cannot slow the site."""
+        for index in range(settings.SOCKETS_PER_USER):
+            key = _slot_key(user_id, index)
+            if await cache.aadd(key, self.channel_name, timeout=SLOT_TTL_S):
+                self.slot = key
+                return True
+        return False
+
+    async def _free_slot(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None and await cache.aget(slot) == self.channel_name:
+            await cache.adelete(slot)
 
     async def _keep_alive(self) -> None:
         """The owner watching keeps the sandbox from idle expiry (checked once a minute,
@@ -142,7 +173,9 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
             self.touched is not None and now - self.touched < TOUCH_EVERY_S
         ):
             return
-        self.touched = now
+        previous, self.touched = self.touched, now
+        if self.slot is not None and previous is not None:  # taken at connect: still fresh
+            await cache.atouch(self.slot, timeout=SLOT_TTL_S)
         if not await _check(self.sandbox, touch=self.is_owner):
             await self._close(CLOSE_GONE)
 

@@ -19,7 +19,12 @@ from django.test import Client
 from django.utils import timezone
 
 from apps.accounts.models import User
-from apps.labs.consumers import MAX_MESSAGE_BYTES, MAX_MESSAGES, UNKNOWN_MESSAGE
+from apps.labs.consumers import (
+    CLOSE_TOO_MANY_SOCKETS,
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGES,
+    UNKNOWN_MESSAGE,
+)
 from apps.labs.models import Sandbox
 from apps.labs.supervisor import group_name, layer_message, snapshot_cache_key
 from config.asgi import application
@@ -311,3 +316,31 @@ async def test_it_marks_warning_and_error_events_in_the_log() -> None:
     for severity in (None, "info", "<b>"):
         plain = render_event({**base, "text": "lb admitted replica-4", "severity": severity})
         assert "data-severity" not in plain and "event-severity" not in plain
+
+
+async def test_a_user_gets_a_few_streams_at_once_not_hundreds(
+    learner: User, other_learner: User, socket: Any, settings: Any
+) -> None:
+    """300 sockets of one user once pinned a core: past SOCKETS_PER_USER streams a new one
+    is closed with 4409; closing one frees its slot; other users are not affected."""
+    settings.SOCKETS_PER_USER = 3
+    sandbox = await make_sandbox(learner)
+    cookie = await cookie_for(learner)
+    open_ = []
+    for _ in range(3):
+        ws = socket(sandbox, cookie, ORIGIN)
+        assert (await ws.connect())[0]
+        await receive_start(ws)
+        open_.append(ws)
+    assert await refused_with(socket(sandbox, cookie, ORIGIN)) == CLOSE_TOO_MANY_SOCKETS
+    theirs = socket(await make_sandbox(other_learner), await cookie_for(other_learner), ORIGIN)
+    assert (await theirs.connect())[0]
+    await receive_start(theirs)
+    await theirs.disconnect()
+
+    await open_.pop().disconnect()
+    again = socket(sandbox, cookie, ORIGIN)
+    assert (await again.connect())[0]
+    await receive_start(again)
+    for ws in [*open_, again]:
+        await ws.disconnect()

@@ -20,6 +20,7 @@
   var CLOSE_TEXT = {
     4401: "Signed out: sign in again to watch this sandbox.",
     4404: "This sandbox is not yours to watch.",
+    4409: "This lab is open in too many tabs: close one and this one reconnects.",
     4413: "The page sent a message that was too big; reconnecting…",
     4429: "The page sent too many messages; reconnecting…",
   };
