@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from apps.accounts.models import User
 from apps.labs.engine import EngineError, get_engine
-from apps.labs.engine.base import NodeSpec, SandboxSpec
+from apps.labs.engine.base import NodeNotFound, NodeSpec, SandboxSpec
 from apps.labs.models import ACTIVE_STATES, TRANSITIONS, Fault, Node, Sandbox
 from apps.labs.patterns import Pattern, PatternError, load_pattern
 
@@ -518,7 +518,12 @@ def _apply(engine: Any, sandbox_id: str, name: str, kind: str, params: dict[str,
 
 
 def fault_revert(*, fault_id: int) -> Fault | None:
-    """Undo a fault whose time is up (the scheduled task's body). Idempotent."""
+    """Undo a fault whose time is up (the scheduled task's body, or the learner ending it
+    early). Idempotent. The fault is marked reverted only once the engine has undone it:
+    when the engine fails, it stays active (shown, and retried by ``fault_revert_due``)
+    and the EngineError is raised. Another active fault of the same kind on the node
+    keeps the node faulted: a runtime fault is re-applied with the newest one's
+    parameters, an engine fault (a partition) is left in place until the last one ends."""
     with transaction.atomic():
         fault = (
             Fault.objects.select_for_update()
@@ -528,37 +533,59 @@ def fault_revert(*, fault_id: int) -> Fault | None:
         )
         if fault is None or fault.reverted_at is not None:
             return fault
+        if fault.sandbox.state == Sandbox.State.RUNNING:
+            try:
+                _undo(fault)
+            except NodeNotFound as exc:  # the node is gone (scaled down): nothing to undo
+                log.info("fault %s: %s", fault.pk, exc)
         fault.reverted_at = timezone.now()
         fault.save(update_fields=["reverted_at"])
-    if fault.sandbox.state != Sandbox.State.RUNNING:
-        return fault
-    engine = get_engine()
-    name = fault.node.name
-    try:
-        if fault.kind in RUNTIME_FAULTS:
-            engine.control(fault.sandbox.hex, name, {"op": "clear", "kind": fault.kind})
-        elif fault.kind == "kill":
-            engine.restart(fault.sandbox.hex, name)
-            _after_restart(fault.sandbox, name)
-        elif fault.kind == "pause":
-            engine.resume(fault.sandbox.hex, name)
-        elif fault.kind == "partition":
-            engine.heal(fault.sandbox.hex, name)
-    except EngineError as exc:
-        log.warning("could not revert %s on %s: %s", fault.kind, name, exc)
     return fault
 
 
+def _undo(fault: Fault) -> None:
+    engine = get_engine()
+    sandbox_id, name = fault.sandbox.hex, fault.node.name
+    still = (
+        Fault.objects.filter(node=fault.node, kind=fault.kind, reverted_at__isnull=True)
+        .exclude(pk=fault.pk)
+        .order_by("-created_at", "-pk")
+        .first()
+    )
+    if fault.kind in RUNTIME_FAULTS:
+        if still is not None:
+            params = {k: v for k, v in still.params.items() if k != "duration"}
+            _apply(engine, sandbox_id, name, fault.kind, params)
+        else:
+            engine.control(sandbox_id, name, {"op": "clear", "kind": fault.kind})
+    elif still is not None:
+        return  # the node stays paused, killed or cut off until its last fault ends
+    elif fault.kind == "kill":
+        engine.restart(sandbox_id, name)
+        _after_restart(fault.sandbox, name)
+    elif fault.kind == "pause":
+        engine.resume(sandbox_id, name)
+    elif fault.kind == "partition":
+        engine.heal(sandbox_id, name)
+
+
 def fault_revert_due() -> list[int]:
-    """Revert every fault past its expiry (a safety net for lost countdown tasks)."""
+    """Revert every fault past its expiry (a safety net for lost countdown tasks, and the
+    retry of reverts the engine refused). Returns the ids reverted."""
     due = list(
         Fault.objects.filter(reverted_at__isnull=True, expires_at__lte=timezone.now()).values_list(
             "pk", flat=True
         )
     )
+    done = []
     for fault_id in due:
-        fault_revert(fault_id=fault_id)
-    return due
+        try:
+            fault_revert(fault_id=fault_id)
+        except EngineError as exc:
+            log.warning("fault %s not reverted yet (retried on the next run): %s", fault_id, exc)
+            continue
+        done.append(fault_id)
+    return done
 
 
 # --- live controls and scaling --------------------------------------------------------

@@ -40,7 +40,12 @@ def sandbox_stop_task(sandbox_id: str) -> str:
     max_retries=10,
 )
 def fault_revert_task(fault_id: int) -> None:
-    services.fault_revert(fault_id=fault_id)
+    try:
+        services.fault_revert(fault_id=fault_id)
+    except EngineUnavailable:
+        raise  # retried with backoff
+    except EngineError:
+        pass  # the fault stays active and shown; housekeeping retries it (fault_revert_due)
 
 
 @shared_task(name="apps.labs.tasks.sandbox_reap_task")

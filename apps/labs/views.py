@@ -22,6 +22,10 @@ PANEL = "labs/sandbox.html#panel"
 STATUS = "labs/sandbox.html#status"
 FAULTS = "labs/sandbox.html#faults"
 CONTROLS = "labs/sandbox.html#controls"
+REVERT_FAILED = (
+    "The fault could not be ended just now ({error}). It stays listed as active and is "
+    "retried within a minute."
+)
 
 
 def panel_context(
@@ -283,7 +287,12 @@ def sandbox_fault_revert(
     fault = Fault.objects.filter(sandbox=sandbox, pk=fault_id).first()
     if fault is None:
         raise Http404("No such fault in this sandbox.")
-    services.fault_revert(fault_id=fault.pk)
+    try:
+        services.fault_revert(fault_id=fault.pk)
+    except EngineError as exc:
+        context = {"sandbox": sandbox, "fault_message": REVERT_FAILED.format(error=exc)}
+        context.update(faults_context(sandbox))
+        return render(request, FAULTS, context, status=503)
     context = {"sandbox": sandbox, "fault_notice": f"{fault.get_kind_display()} reverted."}
     context.update(faults_context(sandbox))
     return render(request, FAULTS, context)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 import time
 from datetime import timedelta
@@ -10,7 +11,7 @@ from django.utils import timezone
 
 from apps.accounts.models import User
 from apps.labs import services
-from apps.labs.engine.base import Engine, EngineError
+from apps.labs.engine.base import Engine, EngineError, EngineUnavailable
 from apps.labs.models import Fault, Node, Sandbox
 from apps.labs.patterns import Control, load_pattern
 from tests.labs.engine.test_contract import wait_for
@@ -151,6 +152,60 @@ def test_a_runtime_fault_is_applied_recorded_and_reverted(
     assert fault.reverted_at is not None
     assert node_state(local_engine, sandbox, "replica-1")["faults"] == {}
     services.fault_revert(fault_id=fault.pk)  # twice: fine
+
+
+def test_a_revert_the_engine_refuses_keeps_the_fault_active_until_a_retry_succeeds(
+    learner: User, local_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed revert was once recorded as done: a node stayed partitioned with no fault
+    shown. Now the fault stays active (listed, the node still cut off) until the engine
+    has undone it; housekeeping retries it."""
+    sandbox = launch(learner)
+    fault = services.fault_inject(
+        sandbox=sandbox, node_name="replica-1", kind="partition", duration=60, enqueue=False
+    )
+    heal = type(local_engine).heal
+
+    def unavailable(self: Engine, sandbox_id: str, name: str) -> None:
+        raise EngineUnavailable("The sandbox engine is not answering.")
+
+    monkeypatch.setattr(type(local_engine), "heal", unavailable)
+    with pytest.raises(EngineUnavailable):
+        services.fault_revert(fault_id=fault.pk)
+    fault.refresh_from_db()
+    assert fault.reverted_at is None
+    assert "partition" in node_state(local_engine, sandbox, "replica-1")["faults"]
+    Fault.objects.filter(pk=fault.pk).update(expires_at=timezone.now())
+    assert services.fault_revert_due() == []  # still refused: left for the next run
+
+    monkeypatch.setattr(type(local_engine), "heal", heal)
+    assert services.fault_revert_due() == [fault.pk]
+    fault.refresh_from_db()
+    assert fault.reverted_at is not None
+    assert node_state(local_engine, sandbox, "replica-1")["faults"] == {}
+
+
+def test_overlapping_faults_of_one_kind_revert_one_at_a_time(
+    learner: User, local_engine: Engine
+) -> None:
+    """Two latency faults on one node: ending the newer one puts the older one's latency
+    back (not none); two partitions: the node stays cut off until the last one ends."""
+    sandbox = launch(learner)
+    inject = functools.partial(services.fault_inject, sandbox=sandbox, enqueue=False)
+    slow = inject(node_name="replica-1", kind="latency", duration=60, params={"ms": 100})
+    slower = inject(node_name="replica-1", kind="latency", duration=30, params={"ms": 400})
+    assert node_state(local_engine, sandbox, "replica-1")["faults"]["latency"]["ms"] == 400
+    services.fault_revert(fault_id=slower.pk)
+    assert node_state(local_engine, sandbox, "replica-1")["faults"]["latency"]["ms"] == 100
+    services.fault_revert(fault_id=slow.pk)
+    assert "latency" not in node_state(local_engine, sandbox, "replica-1")["faults"]
+
+    first = inject(node_name="replica-2", kind="partition", duration=60)
+    second = inject(node_name="replica-2", kind="partition", duration=30)
+    services.fault_revert(fault_id=first.pk)
+    assert "partition" in node_state(local_engine, sandbox, "replica-2")["faults"]
+    services.fault_revert(fault_id=second.pk)
+    assert "partition" not in node_state(local_engine, sandbox, "replica-2")["faults"]
 
 
 def test_kill_is_reverted_by_a_restart(learner: User, local_engine: Engine) -> None:

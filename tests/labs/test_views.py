@@ -9,6 +9,7 @@ from django.urls import reverse
 
 from apps.accounts.models import User
 from apps.labs import services
+from apps.labs.engine import EngineError
 from apps.labs.engine.base import Engine
 from apps.labs.models import Fault, Sandbox
 from apps.labs.patterns import pattern_ids
@@ -209,6 +210,26 @@ def test_the_owner_injects_a_fault_and_sees_its_countdown(
 
     status, html = _post(learner, "labs:faults", sandbox, {})  # nothing chosen
     assert status == 400 and 'data-testid="fault-message"' in html
+    # The engine refuses the revert: the learner is told, and the fault stays listed.
+    engine = services.get_engine()
+    control = engine.control
+
+    def refusing(sandbox_id: str, name: str, message: dict) -> dict:  # type: ignore[type-arg]
+        if message.get("op") == "clear":
+            raise EngineError("Node replica-2 does not answer its control channel.")
+        return control(sandbox_id, name, message)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "control", refusing)
+        refused = client_for(learner).post(
+            reverse("labs:fault_revert", args=[sandbox.hex, fault.pk]), HTTP_HX_REQUEST="true"
+        )
+    assert refused.status_code == 503
+    assert "could not be ended just now" in refused.content.decode()
+    assert 'data-testid="active-fault" data-node="replica-2"' in refused.content.decode()
+    fault.refresh_from_db()
+    assert fault.reverted_at is None
+
     revert = client_for(learner).post(
         reverse("labs:fault_revert", args=[sandbox.hex, fault.pk]), HTTP_HX_REQUEST="true"
     )
