@@ -36,6 +36,8 @@ class Sandbox(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    # When a stop was asked for: housekeeping finishes a stop whose task was lost.
+    stop_requested_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField()
     last_seen_at = models.DateTimeField()
     launch_seconds = models.FloatField(null=True, blank=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from apps.accounts.models import User
@@ -286,7 +287,12 @@ def sandbox_stop(*, sandbox: Sandbox, reason: str = "", enqueue: bool = True) ->
         sandbox = _locked(sandbox.pk)
         if sandbox.state in {Sandbox.State.STOPPING} or not sandbox.is_active:
             return sandbox
-        sandbox_transition(sandbox=sandbox, to=Sandbox.State.STOPPING, stop_reason=reason)
+        sandbox_transition(
+            sandbox=sandbox,
+            to=Sandbox.State.STOPPING,
+            stop_reason=reason,
+            stop_requested_at=timezone.now(),
+        )
         from apps.labs.experiments import experiment_cancel_for_sandbox
 
         experiment_cancel_for_sandbox(sandbox=sandbox, reason=reason)
@@ -342,15 +348,17 @@ class ReapReport:
     relaunched: tuple[str, ...]
     vanished: tuple[str, ...]
     orphans_removed: tuple[str, ...]
+    stops_finished: tuple[str, ...] = ()
 
 
 def sandbox_reap(*, enqueue: bool = True) -> ReapReport:
     """Housekeeping (periodic, and at start-up): expire over-age and idle sandboxes,
-    re-queue launches whose worker died, mark sandboxes whose nodes vanished as failed,
-    and remove engine objects no live sandbox owns."""
+    re-queue launches whose worker died, finish stops whose task was lost, mark
+    sandboxes whose nodes vanished as failed, and remove engine objects no live sandbox
+    owns."""
     now = timezone.now()
     idle_before = now - timedelta(minutes=settings.SANDBOX_IDLE_MINUTES)
-    expired, idle, relaunched, vanished = [], [], [], []
+    expired, idle, relaunched, vanished, finished = [], [], [], [], []
     for sandbox in Sandbox.objects.filter(
         state__in=[Sandbox.State.RUNNING, Sandbox.State.STARTING, Sandbox.State.REQUESTED]
     ):
@@ -371,6 +379,14 @@ def sandbox_reap(*, enqueue: bool = True) -> ReapReport:
             from apps.labs.tasks import sandbox_launch_task
 
             sandbox_launch_task.delay(sandbox.hex)
+    # A stop whose task was lost (a worker died, the broker lost it) would hold the
+    # learner's quota forever: finish it here once it has had time to finish by itself.
+    stuck = now - timedelta(seconds=settings.SANDBOX_LAUNCH_TIMEOUT * 2)
+    for sandbox in Sandbox.objects.filter(state=Sandbox.State.STOPPING).filter(
+        Q(stop_requested_at__lte=stuck) | Q(stop_requested_at__isnull=True)
+    ):
+        sandbox_teardown(sandbox_id=sandbox.hex)
+        finished.append(sandbox.hex)
     for sandbox in Sandbox.objects.filter(state=Sandbox.State.RUNNING):
         if not engine.status(sandbox.hex):
             _fail(sandbox.hex, "The sandbox's nodes disappeared (the engine was restarted?).")
@@ -393,7 +409,12 @@ def sandbox_reap(*, enqueue: bool = True) -> ReapReport:
                 engine.destroy(info.sandbox_id)
             orphans.append(info.sandbox_id)
     return ReapReport(
-        tuple(expired), tuple(idle), tuple(relaunched), tuple(vanished), tuple(orphans)
+        tuple(expired),
+        tuple(idle),
+        tuple(relaunched),
+        tuple(vanished),
+        tuple(orphans),
+        tuple(finished),
     )
 
 

@@ -256,6 +256,31 @@ def test_reconcile_removes_orphans_and_fails_vanished_sandboxes(
     assert vanished.state == Sandbox.State.FAILED and "disappeared" in vanished.error
 
 
+def test_a_stop_whose_task_was_lost_is_finished_by_housekeeping(
+    learner: User, instructor: User, local_engine: Engine
+) -> None:
+    """The stop task was lost after the nodes were removed: the sandbox said "stopping"
+    forever and held the learner's quota. Housekeeping finishes it once it is overdue,
+    and leaves a stop that is still under way to its task."""
+    lost = launch(learner)
+    services.sandbox_stop(sandbox=lost, enqueue=False)  # its task never runs
+    local_engine.destroy(lost.hex)
+    Sandbox.objects.filter(pk=lost.pk).update(
+        stop_requested_at=timezone.now() - timedelta(minutes=10)
+    )
+    recent = launch(instructor)
+    services.sandbox_stop(sandbox=recent, enqueue=False)
+    local_engine.destroy(recent.hex)
+
+    report = services.sandbox_reap(enqueue=False)
+    assert report.stops_finished == (lost.hex,)
+    lost.refresh_from_db()
+    recent.refresh_from_db()
+    assert lost.state == Sandbox.State.STOPPED and lost.ended_at is not None
+    assert recent.state == Sandbox.State.STOPPING
+    assert services.sandbox_launch(user=learner, pattern_id="replicated-lb", enqueue=False)
+
+
 def test_a_launch_interrupted_after_the_engine_started_is_adopted(
     learner: User, local_engine: Engine, settings
 ) -> None:  # type: ignore[no-untyped-def]
