@@ -9,6 +9,7 @@ listed in ``README.md``; a bad value stops start-up with the variable's name.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 
@@ -185,6 +186,32 @@ AXES_COOLOFF_TIME = timedelta(minutes=env.int("AXES_COOLOFF_MINUTES", 15, minimu
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "accounts/locked_out.html"
+AXES_CLIENT_IP_CALLABLE = "apps.accounts.throttle.client_address"
+# Reverse proxies in front of Distlab (addresses or networks): only from these is
+# X-Forwarded-For believed, so that sign-in limits see clients, not the proxy.
+TRUSTED_PROXIES = env.list("TRUSTED_PROXIES")
+for _proxy in TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"TRUSTED_PROXIES: {_proxy!r} is not an address or a network"
+        ) from None
+# Failed sign-ins from one address, whatever the usernames, before that address waits
+# AXES_COOLOFF_MINUTES (a classroom behind one NAT address shares it: keep it generous).
+LOGIN_FAILURES_PER_ADDRESS = env.int("LOGIN_FAILURES_PER_ADDRESS", 30, minimum=1)
+# Who may create an account: open (limited per address), invite (with SIGNUP_INVITE_CODE,
+# which instructors hand out), or closed (accounts made by an administrator).
+SIGNUP = env.str("SIGNUP", "open")
+if SIGNUP not in {"open", "invite", "closed"}:
+    raise ImproperlyConfigured("SIGNUP: expected open, invite or closed")
+SIGNUP_INVITE_CODE = env.str("SIGNUP_INVITE_CODE")
+if SIGNUP == "invite" and len(SIGNUP_INVITE_CODE) < 8:
+    raise ImproperlyConfigured("SIGNUP_INVITE_CODE: set a code of 8 or more characters")
+SIGNUPS_PER_ADDRESS_PER_HOUR = env.int("SIGNUPS_PER_ADDRESS_PER_HOUR", 20, minimum=1)
+PASSWORD_RESETS_PER_HOUR = env.int(
+    "PASSWORD_RESETS_PER_HOUR", 5, minimum=1
+)  # per address and per email
 AXES_VERBOSE = False
 
 # --- Email ----------------------------------------------------------------------------
