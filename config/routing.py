@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.urls import path
+from django.urls import path, re_path
 
 from apps.labs.consumers import SandboxConsumer
+from config.websocket import NotFoundConsumer
 
 websocket_urlpatterns: list[Any] = [
     path("ws/sandboxes/<str:sandbox_id>/", SandboxConsumer.as_asgi()),
+    re_path(r"", NotFoundConsumer.as_asgi()),  # last: anything else is closed with 4404
 ]

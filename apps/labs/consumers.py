@@ -26,15 +26,18 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from importlib import import_module
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.template.loader import render_to_string
+from django.utils.crypto import constant_time_compare
 
 from apps.labs import selectors, services
 from apps.labs.models import ACTIVE_STATES, Sandbox
@@ -95,12 +98,21 @@ def _sandbox_for(user: Any, sandbox_id: str) -> Sandbox:
 
 
 @database_sync_to_async
-def _check(sandbox: Sandbox, *, touch: bool) -> bool:
-    """Whether the sandbox is still active; with ``touch``, postpone its idle expiry."""
+def _check(sandbox: Sandbox, *, touch: bool, user: Any, session_key: str | None) -> int | None:
+    """Why the stream must end now (a close code), or None: the viewer signed out (or
+    changed password) since connecting, or the sandbox is no longer active. With
+    ``touch``, postpone the sandbox's idle expiry."""
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    data = store.load() if session_key and store.exists(session_key) else {}
+    signed_in = str(data.get(SESSION_KEY)) == str(user.pk) and constant_time_compare(
+        str(data.get(HASH_SESSION_KEY, "")), user.get_session_auth_hash()
+    )
+    if not signed_in:
+        return CLOSE_UNAUTHENTICATED
     if touch:
         services.sandbox_touch(sandbox=sandbox)
     state = Sandbox.objects.filter(pk=sandbox.pk).values_list("state", flat=True).first()
-    return state in ACTIVE_STATES
+    return None if state in ACTIVE_STATES else CLOSE_GONE
 
 
 def _slot_key(user_id: int, index: int) -> str:
@@ -167,7 +179,7 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
 
     async def _keep_alive(self) -> None:
         """The owner watching keeps the sandbox from idle expiry (checked once a minute,
-        when it also notices a sandbox that has ended)."""
+        when it also notices a sandbox that has ended and a viewer who signed out)."""
         now = time.monotonic()
         if self.sandbox is None or (
             self.touched is not None and now - self.touched < TOUCH_EVERY_S
@@ -176,8 +188,15 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
         previous, self.touched = self.touched, now
         if self.slot is not None and previous is not None:  # taken at connect: still fresh
             await cache.atouch(self.slot, timeout=SLOT_TTL_S)
-        if not await _check(self.sandbox, touch=self.is_owner):
-            await self._close(CLOSE_GONE)
+        session = self.scope.get("session")
+        code = await _check(
+            self.sandbox,
+            touch=self.is_owner,
+            user=self.scope["user"],
+            session_key=session.session_key if session is not None else None,
+        )
+        if code is not None:
+            await self._close(code)
 
     async def _close(self, code: int) -> None:
         await self.disconnect(code)

@@ -49,6 +49,7 @@ class Sandbox(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["state"]), models.Index(fields=["owner", "state"])]
+        permissions = [("control_any_sandbox", "Can inject faults into and change any sandbox")]
 
     def __str__(self) -> str:
         return f"{self.pattern} {self.hex[:8]} ({self.state})"

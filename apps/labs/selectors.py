@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable
 
@@ -14,6 +15,8 @@ from apps.accounts.models import User
 from apps.labs.models import ACTIVE_STATES, ExperimentRun, Sandbox
 
 SANDBOX_NOT_FOUND = "No such sandbox."
+NOT_YOURS_TO_CONTROL = "You may watch this sandbox, but only its owner may change it."
+log = logging.getLogger(__name__)
 
 
 def sandbox_can_view(*, user: User, sandbox: Sandbox) -> bool:
@@ -32,6 +35,30 @@ def sandbox_get_for_user(*, user: User, sandbox_id: str | uuid.UUID) -> Sandbox:
         raise Http404(SANDBOX_NOT_FOUND) from None
     if not sandbox_can_view(user=user, sandbox=sandbox):
         raise Http404(SANDBOX_NOT_FOUND)
+    return sandbox
+
+
+def sandbox_can_control(*, user: User, sandbox: Sandbox) -> bool:
+    """Faults, controls, stop and extend: the owner, or someone given the permission to
+    control any sandbox (``labs.control_any_sandbox``; superusers have it). Staff may
+    watch without it, not act."""
+    return bool(
+        user.is_authenticated
+        and (sandbox.owner_id == user.pk or user.has_perm("labs.control_any_sandbox"))
+    )
+
+
+def sandbox_get_for_control(*, user: User, sandbox_id: str | uuid.UUID) -> Sandbox:
+    """The sandbox, if ``user`` may act on it: 404 like ``sandbox_get_for_user`` for
+    whoever may not see it, PermissionDenied for who may watch but not act. An action by
+    someone other than the owner is logged."""
+    sandbox = sandbox_get_for_user(user=user, sandbox_id=sandbox_id)
+    if not sandbox_can_control(user=user, sandbox=sandbox):
+        raise PermissionDenied(NOT_YOURS_TO_CONTROL)
+    if sandbox.owner_id != user.pk:
+        log.warning(
+            "sandbox %s of %s: acted on by %s", sandbox.hex, sandbox.owner.username, user.username
+        )
     return sandbox
 
 

@@ -184,7 +184,7 @@ def sandbox_detail(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
 @require_POST
 @login_required
 def sandbox_stop(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
-    sandbox = selectors.sandbox_get_for_user(user=request.user, sandbox_id=sandbox_id)
+    sandbox = selectors.sandbox_get_for_control(user=request.user, sandbox_id=sandbox_id)
     sandbox = services.sandbox_stop(sandbox=sandbox)
     if not request.htmx:
         return redirect("labs:sandbox", sandbox_id=sandbox.hex)
@@ -196,7 +196,7 @@ def sandbox_stop(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
 @require_POST
 @login_required
 def sandbox_extend(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
-    sandbox = selectors.sandbox_get_for_user(user=request.user, sandbox_id=sandbox_id)
+    sandbox = selectors.sandbox_get_for_control(user=request.user, sandbox_id=sandbox_id)
     message = ""
     try:
         sandbox = services.sandbox_extend(sandbox=sandbox)
@@ -221,7 +221,7 @@ def _ended_panel(request: AuthedHttpRequest, sandbox: Sandbox) -> HttpResponse:
 
 
 def _running_sandbox(request: AuthedHttpRequest, sandbox_id: str) -> Sandbox:
-    return selectors.sandbox_get_for_user(user=request.user, sandbox_id=sandbox_id)
+    return selectors.sandbox_get_for_control(user=request.user, sandbox_id=sandbox_id)
 
 
 def _number(raw: str | None, name: str) -> float:

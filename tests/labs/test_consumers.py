@@ -13,12 +13,14 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.contrib.sessions.backends.db import SessionStore
 from django.core.cache import cache
 from django.db import connections
 from django.test import Client
 from django.utils import timezone
 
 from apps.accounts.models import User
+from apps.labs import consumers
 from apps.labs.consumers import (
     CLOSE_TOO_MANY_SOCKETS,
     MAX_MESSAGE_BYTES,
@@ -31,6 +33,7 @@ from config.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ORIGIN = (b"origin", b"http://localhost")
+HOST = (b"host", b"localhost")
 
 
 def _make_sandbox(owner: User, state: str = Sandbox.State.RUNNING) -> Sandbox:
@@ -69,6 +72,8 @@ def socket() -> Any:
 
     def open_(sandbox: Sandbox | str, *headers: tuple[bytes, bytes]) -> WebsocketCommunicator:
         sandbox_id = sandbox.hex if isinstance(sandbox, Sandbox) else sandbox
+        if not any(name == b"host" for name, _ in headers):
+            headers = (*headers, HOST)  # as every browser sends it
         communicator = WebsocketCommunicator(
             application, f"/ws/sandboxes/{sandbox_id}/", headers=list(headers)
         )
@@ -344,3 +349,52 @@ async def test_a_user_gets_a_few_streams_at_once_not_hundreds(
     await receive_start(again)
     for ws in [*open_, again]:
         await ws.disconnect()
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        b"http://localhost:9999",  # another port of an allowed host
+        b"https://localhost",  # another scheme
+        b"http://localhost.evil.example",
+        b"null",
+    ],
+)
+async def test_only_this_very_site_may_open_a_stream(
+    learner: User, socket: Any, origin: bytes
+) -> None:
+    """Channels' check once let any scheme and port of an allowed host in."""
+    sandbox = await make_sandbox(learner)
+    ws = socket(sandbox, await cookie_for(learner), (b"origin", origin))
+    assert (await ws.connect())[0] is False
+    same = socket(sandbox, await cookie_for(learner), (b"origin", b"http://localhost:8000"),
+                  (b"host", b"localhost:8000"))  # fmt: skip
+    assert (await same.connect())[0]
+    await receive_start(same)
+    await same.disconnect()
+
+
+async def test_an_unknown_path_is_closed_with_4404_not_an_error(learner: User) -> None:
+    ws = WebsocketCommunicator(
+        application, "/ws/nothing/here/", headers=[ORIGIN, HOST, await cookie_for(learner)]
+    )
+    assert await refused_with(ws) == 4404
+
+
+async def test_signing_out_ends_the_stream_at_the_next_check(
+    learner: User, socket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open stream once outlived the session it was opened with."""
+    monkeypatch.setattr(consumers, "TOUCH_EVERY_S", 0.0)  # check at every frame
+    sandbox = await make_sandbox(learner)
+    cookie = await cookie_for(learner)
+    ws = socket(sandbox, cookie, ORIGIN)
+    assert (await ws.connect())[0]
+    await receive_start(ws)
+    key = cookie[1].decode().split("=", 1)[1]
+    await sync_to_async(SessionStore(key).delete)()  # what signing out does
+    layer = get_channel_layer()
+    await layer.group_send(group_name(sandbox.hex), {"type": "sandbox.frame", "data": {"seq": 1}})
+    assert await ws.receive_json_from(timeout=2) == {"seq": 1}
+    assert await ws.receive_output(timeout=2) == {"type": "websocket.close", "code": 4401}
+    await ws.disconnect()

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import logging
 import re
 from html import unescape
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
 
@@ -118,6 +120,31 @@ def test_staff_may_look_but_a_bad_id_is_404(sandbox: Sandbox, instructor: User) 
     client = client_for(instructor)
     assert client.get(reverse("labs:sandbox", args=[sandbox.hex])).status_code == 200
     assert client.get(reverse("labs:sandbox", args=["not-a-uuid"])).status_code == 404
+
+
+def test_staff_may_watch_but_only_a_permitted_user_may_act_and_is_logged(
+    sandbox: Sandbox, instructor: User, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Staff once controlled any sandbox: watching and acting are separate now."""
+    instructor.is_staff = True
+    instructor.save()
+    client = client_for(instructor)
+    assert client.get(reverse("labs:sandbox", args=[sandbox.hex])).status_code == 200
+    kill = {"node": "lb", "kind": "kill", "duration": "10"}
+    assert client.post(reverse("labs:faults", args=[sandbox.hex]), kill).status_code == 403
+    for name in ("labs:stop", "labs:extend", "labs:controls"):
+        assert client.post(reverse(name, args=[sandbox.hex])).status_code == 403
+    assert not Fault.objects.exists()
+    sandbox.refresh_from_db()
+    assert sandbox.state == Sandbox.State.RUNNING
+
+    instructor.user_permissions.add(Permission.objects.get(codename="control_any_sandbox"))
+    client = client_for(User.objects.get(pk=instructor.pk))  # permissions are cached per user
+    latency = {"node": "lb", "kind": "latency", "duration": "10", "ms": "100"}
+    with caplog.at_level(logging.WARNING, logger="apps.labs.selectors"):
+        response = client.post(reverse("labs:faults", args=[sandbox.hex]), latency)
+    assert response.status_code == 200 and Fault.objects.count() == 1
+    assert f"acted on by {instructor.username}" in caplog.text
 
 
 def test_the_owner_stops_and_extends(
