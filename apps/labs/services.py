@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -102,6 +102,17 @@ def _minutes_until_one_frees() -> int:
     return max(1, math.ceil((soonest - timezone.now()).total_seconds() / 60))
 
 
+LAUNCH_LOCK = 0x44_49_53_54  # "DIST": the advisory lock that serialises launches
+
+
+def _lock_launches() -> None:
+    """Until the transaction ends, no other launch passes this point. PostgreSQL: a
+    transaction-level advisory lock; SQLite serialises writing transactions itself."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [LAUNCH_LOCK])
+
+
 def sandbox_launch(*, user: User, pattern_id: str, enqueue: bool = True) -> Sandbox:
     """Check the pattern and the quotas, record the sandbox (requested) and, once the
     transaction commits, queue its launch."""
@@ -111,7 +122,9 @@ def sandbox_launch(*, user: User, pattern_id: str, enqueue: bool = True) -> Sand
         raise SandboxError(str(exc)) from exc
     now = timezone.now()
     with transaction.atomic():
-        # Serialise launches by one user (and the global count) on the user's row.
+        # Serialise every launch on one lock for the global count (two users' launches
+        # once both counted 29 of 30 and made 31), and on the user's row for their own.
+        _lock_launches()
         User.objects.select_for_update().get(pk=user.pk)
         own = list(Sandbox.objects.filter(owner=user, state__in=ACTIVE_STATES))
         if len(own) >= _quota_for(user):

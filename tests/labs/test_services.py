@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import socket
+import threading
 import time
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from apps.accounts.models import User
@@ -14,6 +17,7 @@ from apps.labs import services
 from apps.labs.engine.base import Engine, EngineError, EngineUnavailable
 from apps.labs.models import Fault, Node, Sandbox
 from apps.labs.patterns import Control, load_pattern
+from tests.conftest import require
 from tests.labs.engine.test_contract import wait_for
 
 pytestmark = pytest.mark.django_db
@@ -254,6 +258,43 @@ def test_reconcile_removes_orphans_and_fails_vanished_sandboxes(
     assert local_engine.list_sandboxes() == []
     vanished.refresh_from_db()
     assert vanished.state == Sandbox.State.FAILED and "disappeared" in vanished.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_users_launching_at_once_cannot_pass_the_global_quota(
+    learner: User, other_learner: User, settings, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Both launches wait for each other just before counting (a barrier): without one
+    lock for every launch both counted 0 of 1 and both got a sandbox."""
+    require(connection.vendor == "postgresql", "PostgreSQL (row and advisory locks)")
+    settings.SANDBOX_MAX_TOTAL = 1
+    barrier = threading.Barrier(2, timeout=2)
+    quota_for = services._quota_for
+
+    def meeting(user: User) -> int:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()  # the other launch is held at the lock, if there is one
+        return quota_for(user)
+
+    monkeypatch.setattr(services, "_quota_for", meeting)
+    outcomes: list[str] = []
+
+    def launch_as(user: User) -> None:
+        try:
+            services.sandbox_launch(user=user, pattern_id="replicated-lb", enqueue=False)
+            outcomes.append("launched")
+        except services.QuotaExceeded:
+            outcomes.append("refused")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=launch_as, args=(u,)) for u in (learner, other_learner)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes) == ["launched", "refused"]
+    assert Sandbox.objects.count() == 1
 
 
 def test_a_stop_whose_task_was_lost_is_finished_by_housekeeping(
