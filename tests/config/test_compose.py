@@ -57,3 +57,16 @@ def test_the_supervisor_runs_like_the_worker_and_reaches_docker() -> None:
     [group] = supervisor["group_add"]
     assert group.startswith("${DOCKER_GID:?")  # required: the socket's group id
     assert "ports" not in supervisor  # nothing reaches it: it only sends
+
+
+def test_no_secret_is_written_in_it_and_the_web_port_is_for_the_proxy_only() -> None:
+    """The database password came hard-coded, and X-Forwarded-Proto was trusted on a port
+    published to everyone (anyone could claim HTTPS)."""
+    compose = load()
+    db = compose["services"]["db"]["environment"]
+    assert db["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    url = compose["services"]["web"]["environment"]["DATABASE_URL"]
+    assert ":${POSTGRES_PASSWORD:?" in url
+    web = compose["services"]["web"]
+    assert web["environment"]["TRUST_X_FORWARDED_PROTO"] == "true"
+    assert all(port.startswith("127.0.0.1:") for port in web["ports"])
