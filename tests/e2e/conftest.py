@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import connections
@@ -45,11 +46,33 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        refused = watch_csp(browser)
         yield browser
         browser.close()
+        # Every page the test opened ran within the Content-Security-Policy.
+        assert not refused, refused[:5]
         # ORM calls made while Playwright's loop runs get connections of their own
         # (asgiref's context-local storage): close them here, in the same context.
         connections.close_all()
+
+
+def watch_csp(browser: Any) -> list[str]:
+    """What the Content-Security-Policy refused, in any page of any context of ``browser``."""
+    refused: list[str] = []
+    new_context = browser.new_context
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        context = new_context(*args, **kwargs)
+        context.on(
+            "console",
+            lambda message: (
+                refused.append(message.text) if "Content Security Policy" in message.text else None
+            ),
+        )
+        return context
+
+    browser.new_context = watched
+    return refused
 
 
 @pytest.fixture

@@ -91,3 +91,14 @@ def shot(page: Page, name: str) -> None:
 
 def node(page: Page, name: str):  # type: ignore[no-untyped-def]
     return page.locator(f'g.gnode[data-node="{name}"]')
+
+
+def wait_until(page: Page, expression: str, timeout: float = 15.0) -> None:
+    """Until the JavaScript ``expression`` is true in the page. Polled through DevTools
+    (``page.evaluate``): Playwright's ``wait_for_function`` polls with ``eval`` inside the
+    page, which the site's Content-Security-Policy forbids."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {expression}")
+        page.wait_for_timeout(100)

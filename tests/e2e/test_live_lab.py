@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 
 from apps.accounts.models import User
 from apps.labs.models import ExperimentRun, Sandbox
-from tests.e2e.platform import INSTANCE, PASSWORD, STATE_UP, node, shot
+from tests.e2e.platform import INSTANCE, PASSWORD, STATE_UP, node, shot, wait_until
 from tests.e2e.test_sandbox_panel import sign_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -39,10 +39,8 @@ def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, plat
     for name in ("traffic", "lb", "replica-1", "replica-2", "replica-3"):
         expect(node(page, name)).to_have_class(STATE_UP)
     expect(page.get_by_test_id("lab-connection")).to_have_text("● Live", timeout=20_000)
-    page.wait_for_function("document.querySelectorAll('.g-dots .dot').length > 0")
-    page.wait_for_function(
-        "parseFloat(document.querySelector('[data-stat=rps]').textContent) >= 15"
-    )
+    wait_until(page, "document.querySelectorAll('.g-dots .dot').length > 0")
+    wait_until(page, "parseFloat(document.querySelector('[data-stat=rps]').textContent) >= 15")
     expect(page.get_by_test_id("event-log")).to_contain_text("lb started")
     # What the pattern declares it observes: its mark in the legend, the balancer's gauge
     # under its node, its rotation table in the Pattern state panel.
@@ -61,9 +59,7 @@ def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, plat
     page.locator("#control-rps").fill("100")
     page.locator("#control-rps").dispatch_event("change")
     expect(page.get_by_test_id("event-log")).to_contain_text("traffic: rps set to 100")
-    page.wait_for_function(
-        "parseFloat(document.querySelector('[data-stat=rps]').textContent) >= 80"
-    )
+    wait_until(page, "parseFloat(document.querySelector('[data-stat=rps]').textContent) >= 80")
 
     # Kill replica-2 for 10 s, picked on the graph (with the keyboard, then the mouse).
     node(page, "replica-3").focus()
@@ -81,9 +77,10 @@ def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, plat
     )
     expect(page.get_by_test_id("event-log")).to_contain_text("replica-2 is down")
     # Users saw errors until the balancer ejected it, then none.
-    page.wait_for_function(
+    wait_until(
+        page,
         "document.querySelector('[data-stat=error_pct]').classList.contains('is-bad')",
-        timeout=10_000,
+        timeout=10,
     )
     shot(page, "41-lab-replica-killed")
     expect(page.get_by_test_id("event-log")).to_contain_text("lb ejected replica-2")
@@ -155,7 +152,7 @@ def test_a_learner_breaks_a_replica_and_watches_the_system_respond(browser, plat
     # Reconnect attempts back off to at most 10 s apart, so the page is live again soon
     # after the server is (htmx's own default waits up to 64 s).
     expect(page.get_by_test_id("lab-connection")).to_have_text("● Live", timeout=20_000)
-    page.wait_for_function(f"{span}[1] > {stopped[1]} + 2")  # new data after the old…
+    wait_until(page, f"{span}[1] > {stopped[1]} + 2")  # new data after the old…
     assert page.evaluate(span)[0] == first  # …and the old still there
 
     # The result is on the course home, with the learner's progress.

@@ -13,7 +13,7 @@ from playwright.sync_api import Page, expect
 
 from apps.accounts.models import User
 from apps.labs.models import ExperimentRun, Sandbox
-from tests.e2e.platform import ARTIFACTS, PASSWORD, STATE_UP, Platform, node, shot
+from tests.e2e.platform import ARTIFACTS, PASSWORD, STATE_UP, Platform, node, shot, wait_until
 from tests.e2e.test_sandbox_panel import sign_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -87,7 +87,7 @@ def test_a_learner_launches_breaks_and_experiments(
     for name in case.nodes:
         expect(node(page, name)).to_have_class(STATE_UP)
     expect(page.get_by_test_id("lab-connection")).to_have_text("● Live", timeout=20_000)
-    page.wait_for_function("document.querySelectorAll('.g-dots .dot').length > 0")
+    wait_until(page, "document.querySelectorAll('.g-dots .dot').length > 0")
     expect(page.get_by_test_id("pattern-state")).to_be_visible()
     expect(page.get_by_test_id("pattern-state")).to_contain_text(case.figure, timeout=10_000)
     shot(page, f"60-{pattern}-running")
