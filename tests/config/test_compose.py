@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 from django.core.management import get_commands
 
@@ -14,7 +16,7 @@ def load() -> dict:  # type: ignore[type-arg]
 
 def test_it_has_the_classroom_services() -> None:
     services = load()["services"]
-    assert set(services) == {"db", "redis", "web", "worker", "beat", "supervisor"}
+    assert set(services) == {"db", "redis", "web", "worker", "beat", "supervisor", "docker-proxy"}
     assert "healthcheck" in services["db"] and "healthcheck" in services["redis"]
 
 
@@ -42,21 +44,29 @@ def test_commands_exist() -> None:
     assert "supervise" in get_commands()
 
 
-def test_the_supervisor_runs_like_the_worker_and_reaches_docker() -> None:
-    """Same image and settings as the worker (plus the Docker engine, never a fallback to
-    local processes), and the host's Docker socket with its group."""
+def test_only_the_proxy_holds_the_docker_socket_and_the_supervisor_goes_through_it() -> None:
+    """Whoever holds the Docker socket is root on the host: only the filtering proxy
+    does; the supervisor reaches Docker through the proxy's socket."""
     services = load()["services"]
-    supervisor, worker = services["supervisor"], services["worker"]
+    holders = [
+        n for n, s in services.items() if any("docker.sock:" in v for v in s.get("volumes", []))
+    ]
+    assert holders == ["docker-proxy"]
+    proxy, supervisor, worker = services["docker-proxy"], services["supervisor"], services["worker"]
+    assert proxy["command"][:3] == ["python", "manage.py", "docker_proxy"]
+    assert "docker_proxy" in get_commands()
+    [group] = proxy["group_add"]
+    assert group.startswith("${DOCKER_GID:?")  # required: the socket's group id
+    listen = proxy["command"][proxy["command"].index("--listen") + 1]
+    assert supervisor["environment"]["DOCKER_HOST"] == f"unix://{listen}"
+    assert supervisor["environment"] == worker["environment"]  # the worker launches
+    assert supervisor["volumes"] == worker["volumes"] == [f"docker-proxy:{Path(listen).parent}"]
     assert (supervisor["build"], supervisor["image"]) == (worker["build"], worker["image"])
-    assert supervisor["depends_on"] == worker["depends_on"]
-    assert supervisor["environment"] == worker["environment"]
+    for service in (proxy, supervisor):
+        assert "ports" not in service  # nothing reaches them from outside
     for name, service in services.items():  # never a silent fallback to local processes
         if service.get("image") == worker["image"]:
             assert service["environment"]["SANDBOX_ENGINE"] == "docker", name
-    assert "/var/run/docker.sock:/var/run/docker.sock" in supervisor["volumes"]
-    [group] = supervisor["group_add"]
-    assert group.startswith("${DOCKER_GID:?")  # required: the socket's group id
-    assert "ports" not in supervisor  # nothing reaches it: it only sends
 
 
 def test_no_secret_is_written_in_it_and_the_web_port_is_for_the_proxy_only() -> None:
