@@ -36,7 +36,7 @@ def setup(node: Node) -> None:
         try:
             while True:
                 try:
-                    await node.call(REGISTRY, "/heartbeat", method="POST", json=beat, timeout=1.0)
+                    await node.call(REGISTRY, "/heartbeat", method="POST", params=beat, timeout=1.0)
                 except CallError:
                     pass  # the call event says why; the lease is still running meanwhile
                 next_at = max(next_at + interval_s, loop.time())  # on schedule, every 2 s

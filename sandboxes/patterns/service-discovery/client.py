@@ -82,6 +82,7 @@ class InstanceList:
         self.expires_at = 0.0  # dns-cache: when the cached answer's TTL runs out
         self.watching = False  # watch: a long poll is open and the registry answers
         self.index: int | None = None  # watch: the registry's version of the list
+        self.waiting: asyncio.Future[Any] | None = None  # watch: the open long poll
 
 
 def setup(node: Node) -> None:
@@ -94,6 +95,8 @@ def setup(node: Node) -> None:
     def mode_changed(new: str, previous: str) -> None:
         node.set_state("discovery", new)
         known.index, known.expires_at, known.watching = None, 0.0, False  # start afresh
+        if known.waiting is not None:
+            known.waiting.cancel()  # a long poll of the registry still open
 
     node.setting("rps", float(profile.get("rps", 20)), minimum=0, maximum=100)
     node.setting("mode", "watch", choices=["watch", "dns-cache"], on_change=mode_changed)
@@ -115,12 +118,18 @@ def setup(node: Node) -> None:
 
     async def watch_once() -> None:
         params = {"index": str(known.index)} if known.index is not None else {}
+        call = asyncio.ensure_future(
+            node.call(REGISTRY, "/watch", params=params, timeout=wait_s + 3)
+        )
+        known.waiting = call  # a switch of mode cancels it (mode_changed)
         try:
-            reply = await node.call(REGISTRY, "/watch", params=params, timeout=wait_s + 3)
+            reply = await call
         except CallError:
             reply = None
-        if node.config["mode"] != "watch":
-            return  # switched while waiting: this answer is not ours to apply
+        except asyncio.CancelledError:
+            if call.cancelled() and node.config["mode"] != "watch":
+                return  # switched to dns-cache while waiting: stop watching
+            raise
         if reply is None or reply.status != 200:
             known.watching = False  # keep the list we have, try again shortly
             await asyncio.sleep(0.5)

@@ -2,7 +2,7 @@
 
 The chapter's ``Registry`` class, served over HTTP:
 
-- ``POST /heartbeat`` ``{"instance": "api-2", "address": "10.77.0.5:8080"}``: an instance
+- ``POST /heartbeat?instance=api-2&address=10.77.0.5:8080``: an instance
   says it is alive. An unknown instance is registered; a known one has its lease renewed
   until ``lease_ttl_s`` from now. There is no separate "register" call: the first
   heartbeat registers (self-registration).
@@ -91,8 +91,7 @@ def setup(node: Node) -> None:
 
     @node.route("/heartbeat", method="POST")
     async def heartbeat(request: Request) -> Response:
-        body = await request.json()
-        instance, address = str(body["instance"]), str(body["address"])
+        instance, address = request.query["instance"], request.query["address"]
         if caller_gone(request):  # it gave up waiting: for it, this heartbeat failed
             return node.json({"error": "too late"}, status=408)
         if registry.heartbeat(instance, address, time.monotonic()):
