@@ -92,7 +92,11 @@ def query(cluster: LocalCluster, name: str, qtype: int) -> dict[str, Any]:
 
 
 def test_dns_answers_srv_and_a_records_with_the_ttl(cluster: LocalCluster) -> None:
-    answer = query(cluster, "_api._tcp.sandbox.internal", dns.TYPE_SRV)
+    def three() -> dict[str, Any] | None:  # dns follows the registry, within a second
+        answer = query(cluster, "_api._tcp.sandbox.internal", dns.TYPE_SRV)
+        return answer if len(answer["answers"]) == 3 else None
+
+    answer = cluster.wait_for(three, 3, "three SRV records")
     assert answer["rcode"] == dns.NOERROR
     ports = {r.data[3]: r.data[2] for r in answer["answers"]}
     assert {r.type for r in answer["answers"]} == {dns.TYPE_SRV}

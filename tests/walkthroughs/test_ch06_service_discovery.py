@@ -102,7 +102,7 @@ def walk(lab: Lab) -> None:
     assert LEASE_S - 2 - 1 <= gone["ts"] - crashed <= LEASE_S + 1.5, gone["ts"] - crashed
     before = between(lab, crashed, gone["ts"])
     assert before.link("client", "api-2").errors >= 10, before.link("client", "api-2")
-    after = lab.watch(2, settle=1.2)  # the last requests sent to it time out after 1 s
+    after = lab.watch(1.5, settle=1.2)  # the last requests sent to it time out after 1 s
     assert after.link("client", "api-2").n == 0 and after.users().errors == 0, after.users()
     back = time.time()
     lab.revert(kill)
@@ -152,7 +152,7 @@ def walk(lab: Lab) -> None:
         time.sleep(0.2)
     outage_at = time.time()
     kill = lab.fault("registry", "kill", duration=10)
-    outage = lab.watch(4, settle=1)
+    outage = lab.watch(3, settle=1)
     assert outage.users().errors == 0 and outage.users().n >= 50, outage.users()
     assert max(outage.gauge("client", "list_age_s")) >= 2, outage.gauge("client", "list_age_s")
     lab.revert(kill)
@@ -160,7 +160,7 @@ def walk(lab: Lab) -> None:
         registered(lab, outage_at, f"api-{n}", timeout=20)
     assert between(lab, outage_at, time.time() - 1).users().errors == 0
     slow = lab.fault("registry", "latency", ms=500)
-    slowed = lab.watch(3)
+    slowed = lab.watch(2)
     assert slowed.users().errors == 0 and (slowed.users().p99_ms or 0) < 200, slowed.users()
     lab.revert(slow)
 
@@ -171,7 +171,7 @@ def walk(lab: Lab) -> None:
     empty = wait_list(lab, slowed_at, LEASE_S + 6, count=0)
     expiries = between(lab, slowed_at, empty["ts"]).texts("lease_expired")
     assert len(expiries) == 5, expiries
-    failing = lab.watch(2, settle=0.5)
+    failing = lab.watch(1.5, settle=0.5)
     assert failing.users().error_pct >= 95, failing.users()
     healed = time.time()
     lab.revert(slow)
@@ -186,7 +186,7 @@ def walk(lab: Lab) -> None:
     users = hung.users()
     assert 900 <= (users.p99_ms or 0) <= 1500, users
     assert 10 <= users.error_pct <= 35, users  # one in five instances
-    assert lab.watch(2, settle=1.2).users().errors == 0
+    assert lab.watch(1, settle=1.2).users().errors == 0
     back = time.time()
     lab.revert(pause)
     registered(lab, back, "api-1", timeout=10)

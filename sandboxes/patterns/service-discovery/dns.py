@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import struct
 import time
 from typing import Any, NamedTuple
@@ -165,19 +166,23 @@ def build_response(
 class Zone:
     def __init__(self) -> None:
         self.instances: list[dict[str, str]] = []  # as the registry's /watch gives them
+        self.ips: dict[str, str] = {}  # host → IPv4 address, for the A records
         self.serial = 0
 
-    def answer(self, name: str, qtype: int, ttl: int) -> tuple[int, list[Record], list[Record]]:
-        """(rcode, answers, additional) for one question."""
+    def records(self, ttl: int) -> tuple[list[Record], dict[str, Record]]:
+        """The SRV records of the service, and the A record of each target."""
         srv, a_records = [], {}
         for entry in self.instances:
             host, port = split_address(entry["address"])
             target = f"{entry['instance']}.{ZONE}"
             srv.append(Record(SERVICE, TYPE_SRV, ttl, (10, 10, port, target)))
-            try:
-                a_records[target] = Record(target, TYPE_A, ttl, str(ipaddress.IPv4Address(host)))
-            except ValueError:
-                pass  # not an IPv4 address: SRV only
+            if host in self.ips:
+                a_records[target] = Record(target, TYPE_A, ttl, self.ips[host])
+        return srv, a_records
+
+    def answer(self, name: str, qtype: int, ttl: int) -> tuple[int, list[Record], list[Record]]:
+        """(rcode, answers, additional) for one question."""
+        srv, a_records = self.records(ttl)
         name = name.rstrip(".").lower()
         if name == SERVICE:
             return NOERROR, (srv if qtype == TYPE_SRV else []), list(a_records.values())
@@ -188,6 +193,21 @@ class Zone:
     def soa(self, ttl: int) -> Record:
         host = f"dns.{ZONE}"
         return Record(ZONE, TYPE_SOA, ttl, (host, f"hostmaster.{ZONE}", self.serial, 60, 60, 600, ttl))
+
+
+async def ipv4_of(host: str) -> str | None:
+    """The instance's IPv4 address: the registry holds what the instance said (an address,
+    or a name the sandbox's network resolves)."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        loop = asyncio.get_running_loop()
+        found = await asyncio.wait_for(loop.getaddrinfo(host, None, family=socket.AF_INET), 1.0)
+    except (OSError, TimeoutError):
+        return None
+    return str(found[0][4][0]) if found else None
 
 
 def setup(node: Node) -> None:
@@ -243,12 +263,17 @@ def setup(node: Node) -> None:
             asyncio.get_running_loop().create_task(handle(data, addr, self.transport))
 
     def show_records() -> None:
-        ttl = node.config["ttl_s"]
-        _, srv, a_records = zone.answer(SERVICE, TYPE_SRV, ttl)
-        rows = [
-            {"record": f"{r.name}. {TYPE_NAMES[r.type]} {r.text()}", "ttl": f"{ttl} s"}
-            for r in srv + a_records
-        ]
+        srv, a_records = zone.records(node.config["ttl_s"])
+        rows = []
+        for record in srv:
+            target = record.data[3]
+            a = a_records.get(target)
+            rows.append({
+                "target": target + ".",
+                "srv": "{} {} {}".format(*record.data[:3]),
+                "a": a.data if a else "",
+                "ttl": f"{record.ttl} s",
+            })  # fmt: skip
         node.table("records", rows[:50])
 
     @node.task
@@ -277,6 +302,10 @@ def setup(node: Node) -> None:
                 continue
             body = reply.json()
             if body["index"] != index:
+                for entry in body["instances"]:
+                    host = split_address(entry["address"])[0]
+                    if host not in zone.ips and (ip := await ipv4_of(host)) is not None:
+                        zone.ips[host] = ip
                 index, zone.instances = body["index"], body["instances"]
                 zone.serial += 1
                 show_records()
