@@ -89,7 +89,7 @@ def walk(lab: Lab) -> None:
     deadline = time.monotonic() + 30
     while lab.watch(1, settle=0).users().rps < 15:
         assert time.monotonic() < deadline, "the client's requests did not start"
-    calm = lab.watch(3, settle=0)
+    calm = lab.watch(2, settle=0)
     assert calm.users().errors == 0 and calm.users().rps >= 15, calm.users()
     spread = [calm.link("client", f"api-{n}").n for n in (1, 2, 3)]
     assert min(spread) >= 0.25 * sum(spread), spread
@@ -102,12 +102,13 @@ def walk(lab: Lab) -> None:
     assert LEASE_S - 2 - 1 <= gone["ts"] - crashed <= LEASE_S + 1.5, gone["ts"] - crashed
     before = between(lab, crashed, gone["ts"])
     assert before.link("client", "api-2").errors >= 10, before.link("client", "api-2")
-    after = lab.watch(1.5, settle=1.2)  # the last requests sent to it time out after 1 s
-    assert after.link("client", "api-2").n == 0 and after.users().errors == 0, after.users()
     back = time.time()
     lab.revert(kill)
     registered(lab, back, "api-2")
-    wait_list(lab, back, 5, change="+api-2")
+    returned = wait_list(lab, back, 5, change="+api-2")
+    # Between the expiry (and the last requests' 1 s timeout) and its return: no errors.
+    after = between(lab, gone["ts"] + 1.2, returned["ts"])
+    assert after.link("client", "api-2").n == 0 and after.users().errors == 0, after.users()
 
     # 3. dns-cache, kill api-3: errors go on after its lease expires, until the cached
     # answer is 10 s old.
@@ -136,8 +137,6 @@ def walk(lab: Lab) -> None:
     if news["ts"] - joined["ts"] >= 2:  # a refresh right after the join leaves no gap
         unknown = between(lab, joined["ts"] + 0.5, news["ts"] - 0.5)
         assert unknown.link("client", "api-5").n == 0
-    late = lab.watch(2, settle=0.5)
-    assert late.link("client", "api-5").n > 0 and late.users().errors == 0, late.users()
 
     # 5. Watch mode; the registry killed: no errors, the list ages; restarted empty, it
     # waits for the heartbeats. Then 500 ms of latency on it: requests are not slowed.
@@ -153,14 +152,15 @@ def walk(lab: Lab) -> None:
     outage_at = time.time()
     kill = lab.fault("registry", "kill", duration=10)
     outage = lab.watch(3, settle=1)
-    assert outage.users().errors == 0 and outage.users().n >= 50, outage.users()
+    assert outage.users().errors == 0 and outage.users().rps >= 15, outage.users()
+    assert outage.link("client", "api-5").n > 0  # the new instances are in the list now
     assert max(outage.gauge("client", "list_age_s")) >= 2, outage.gauge("client", "list_age_s")
     lab.revert(kill)
     for n in (1, 2, 3, 4, 5):
         registered(lab, outage_at, f"api-{n}", timeout=20)
     assert between(lab, outage_at, time.time() - 1).users().errors == 0
     slow = lab.fault("registry", "latency", ms=500)
-    slowed = lab.watch(2)
+    slowed = lab.watch(2, settle=0.5)
     assert slowed.users().errors == 0 and (slowed.users().p99_ms or 0) < 200, slowed.users()
     lab.revert(slow)
 
@@ -186,10 +186,11 @@ def walk(lab: Lab) -> None:
     users = hung.users()
     assert 900 <= (users.p99_ms or 0) <= 1500, users
     assert 10 <= users.error_pct <= 35, users  # one in five instances
-    assert lab.watch(1, settle=1.2).users().errors == 0
     back = time.time()
     lab.revert(pause)
-    registered(lab, back, "api-1", timeout=10)
+    returned = registered(lab, back, "api-1", timeout=10)
+    dropped = between(lab, gone["ts"] + 1.2, max(returned["ts"], gone["ts"] + 2.5))
+    assert dropped.users().errors == 0, dropped.users()
 
 
 def experiments(lab: Lab) -> None:
