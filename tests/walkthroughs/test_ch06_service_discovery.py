@@ -54,9 +54,9 @@ def wait_list(lab: Lab, since: float, timeout: float, **fields: Any) -> Mapping[
     while True:
         for event in lab.snapshot().get("events") or []:
             data = event.get("data") or {}
-            if event.get("kind") == "list_updated" and event["ts"] >= since:
-                if all(str(v) in str(data.get(k)) for k, v in fields.items()):
-                    return event
+            matches = all(str(v) in str(data.get(k)) for k, v in fields.items())
+            if event.get("kind") == "list_updated" and event["ts"] >= since and matches:
+                return event
         assert time.monotonic() < deadline, f"no list_updated with {fields} in {timeout:g} s"
         time.sleep(0.2)
 
@@ -65,9 +65,9 @@ def expired(lab: Lab, since: float, target: str, timeout: float = 12) -> Mapping
     deadline = time.monotonic() + timeout
     while True:
         for event in lab.snapshot().get("events") or []:
-            if event.get("kind") == "lease_expired" and event["ts"] >= since:
-                if (event.get("data") or {}).get("target") == target:
-                    return event
+            mine = (event.get("data") or {}).get("target") == target
+            if event.get("kind") == "lease_expired" and event["ts"] >= since and mine:
+                return event
         assert time.monotonic() < deadline, f"the lease of {target} did not expire"
         time.sleep(0.2)
 
@@ -76,9 +76,9 @@ def registered(lab: Lab, since: float, target: str, timeout: float = 30) -> Mapp
     deadline = time.monotonic() + timeout
     while True:
         for event in lab.snapshot().get("events") or []:
-            if event.get("kind") == "registered" and event["ts"] >= since:
-                if (event.get("data") or {}).get("target") == target:
-                    return event
+            mine = (event.get("data") or {}).get("target") == target
+            if event.get("kind") == "registered" and event["ts"] >= since and mine:
+                return event
         assert time.monotonic() < deadline, f"{target} did not register"
         time.sleep(0.2)
 
@@ -144,9 +144,9 @@ def walk(lab: Lab) -> None:
     deadline = time.monotonic() + 8
     while True:  # the client's watch is open: its list age reads 0
         client = ((lab.snapshot().get("frame") or {}).get("nodes") or {}).get("client") or {}
-        if (client.get("states") or {}).get("discovery") == "watch":
-            if (client.get("gauges") or {}).get("list_age_s") == 0:
-                break
+        watching = (client.get("states") or {}).get("discovery") == "watch"
+        if watching and (client.get("gauges") or {}).get("list_age_s") == 0:
+            break
         assert time.monotonic() < deadline, client
         time.sleep(0.2)
     outage_at = time.time()

@@ -12,6 +12,7 @@ clean stop (scaling down) deregisters at once with ``DELETE /heartbeat``.
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 
 from sandboxes.runtime.node import CallError, Node, Request, Response
 
@@ -35,18 +36,15 @@ def setup(node: Node) -> None:
         next_at = loop.time()
         try:
             while True:
-                try:
+                # A failed heartbeat: the call event says why; the lease is still running.
+                with suppress(CallError):
                     await node.call(REGISTRY, "/heartbeat", method="POST", params=beat, timeout=1.0)
-                except CallError:
-                    pass  # the call event says why; the lease is still running meanwhile
                 next_at = max(next_at + interval_s, loop.time())  # on schedule, every 2 s
                 await asyncio.sleep(next_at - loop.time())
         except asyncio.CancelledError:  # a clean stop: say goodbye, do not wait long
-            try:
+            with suppress(CallError):
+                goodbye = {"instance": node.name}
                 await node.call(
-                    REGISTRY, "/heartbeat", method="DELETE", params={"instance": node.name},
-                    timeout=0.5,
-                )  # fmt: skip
-            except CallError:
-                pass
+                    REGISTRY, "/heartbeat", method="DELETE", params=goodbye, timeout=0.5
+                )
             raise

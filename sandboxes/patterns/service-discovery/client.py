@@ -227,7 +227,9 @@ def setup(node: Node) -> None:
         instance = candidates[next(turn) % len(candidates)]["instance"]
         failed = True
         try:
-            reply = await node.call(instance, "/", params={"id": str(request_id)}, timeout=timeout_s)
+            reply = await node.call(
+                instance, "/", params={"id": str(request_id)}, timeout=timeout_s
+            )
             failed = reply.status >= 400
             counts["errors" if failed else "ok"] += 1
         except CallError:

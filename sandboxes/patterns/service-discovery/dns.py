@@ -148,7 +148,11 @@ def parse_message(data: bytes) -> dict[str, Any]:
 
 
 def build_response(
-    query: bytes, rcode: int, answers: list[Record], authority: list[Record], additional: list[Record]
+    query: bytes,
+    rcode: int,
+    answers: list[Record],
+    authority: list[Record],
+    additional: list[Record],
 ) -> bytes:
     """The answer to ``query``: its id and question echoed, "authoritative" set."""
     query_id, flags = struct.unpack_from("!HH", query)
@@ -192,7 +196,9 @@ class Zone:
 
     def soa(self, ttl: int) -> Record:
         host = f"dns.{ZONE}"
-        return Record(ZONE, TYPE_SOA, ttl, (host, f"hostmaster.{ZONE}", self.serial, 60, 60, 600, ttl))
+        return Record(
+            ZONE, TYPE_SOA, ttl, (host, f"hostmaster.{ZONE}", self.serial, 60, 60, 600, ttl)
+        )
 
 
 async def ipv4_of(host: str) -> str | None:

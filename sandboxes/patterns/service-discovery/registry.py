@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import suppress
 from typing import Any
 
 from sandboxes.runtime.node import Node, Request, Response
@@ -112,10 +113,9 @@ def setup(node: Node) -> None:
             return node.json({"error": "just started: waiting for heartbeats"}, status=503)
         known = request.query.get("index")
         if known is not None and int(known) == registry.index:
-            try:  # long poll: wait for the next change, or say "no change" after wait_s
+            # A long poll: wait for the next change, or say "no change" after wait_s.
+            with suppress(TimeoutError):
                 await asyncio.wait_for(registry.changed.wait(), wait_s)
-            except TimeoutError:
-                pass
         return node.json({"index": registry.index, "instances": registry.instances()})
 
     def lease_rows(now: float) -> list[dict[str, Any]]:
