@@ -151,7 +151,7 @@ def walk(lab: Lab) -> None:
         time.sleep(0.2)
     outage_at = time.time()
     kill = lab.fault("registry", "kill", duration=10)
-    outage = lab.watch(3, settle=1)
+    outage = lab.watch(2, settle=1)
     assert outage.users().errors == 0 and outage.users().rps >= 15, outage.users()
     assert outage.link("client", "api-5").n > 0  # the new instances are in the list now
     assert max(outage.gauge("client", "list_age_s")) >= 2, outage.gauge("client", "list_age_s")
@@ -196,7 +196,7 @@ def walk(lab: Lab) -> None:
 def experiments(lab: Lab) -> None:
     run = lab.experiment("crash-watch-vs-cache", "same")
     measured = run.measured
-    assert measured["cache_error_pct"] >= 1.4 * measured["watch_error_pct"] > 0, measured
+    assert measured["cache_error_pct"] >= 1.25 * measured["watch_error_pct"] > 0, measured
     verdicts = lab.verdicts(run)
     assert verdicts["cache"].correct and not verdicts["same"].correct
     assert run.correct is False and f"{measured['cache_error_pct']:.0f}%" in run.explanation
