@@ -62,6 +62,14 @@ CASES = {
         "killed",
         ("concurrent-writers", "conflicts"),
     ),
+    "service-discovery": Case(
+        "service-discovery",
+        ("client", "dns", "registry", "api-1", "api-2", "api-3"),
+        "Registry leases",
+        ("api-2", "kill"),
+        "killed",
+        ("registry-outage", "nothing"),
+    ),
 }
 
 
