@@ -130,7 +130,8 @@ class CircuitBreaker:
             self.results.popleft()
         calls = len(self.results)
         failures = sum(1 for _, good in self.results if not good)
-        if calls >= settings["min_calls"] and failures * 100 >= settings["failure_rate_pct"] * calls:
+        too_many = failures * 100 >= settings["failure_rate_pct"] * calls
+        if calls >= settings["min_calls"] and too_many:
             self.open(f"{failures} of the last {calls} calls failed")
 
     def open(self, reason: str) -> None:
