@@ -45,9 +45,10 @@ def walk(lab: Lab) -> None:
     assert calm.gauge("api", "workers_busy") and max(calm.gauge("api", "workers_busy")) <= 6
 
     # 2. 2,000 ms on flaky: its calls hold every worker for the 1-s timeout, requests queue,
-    # and within about ten seconds GET /fast reaches the client's 2-s timeout and fails.
+    # and within about fifteen seconds GET /fast reaches the client's 2-s timeout and fails
+    # (the queue grows by about 8 requests a second: 40 arrive, about 32 are served).
     slow = lab.fault("flaky", "latency", duration=60, ms=2000)
-    cascade = lab.watch(8, settle=3)
+    cascade = lab.watch(12, settle=3)
     assert max(cascade.gauge("api", "workers_busy")) == 16, cascade.gauge("api", "workers_busy")
     assert max(cascade.gauge("api", "waiting")) >= 20, cascade.gauge("api", "waiting")
     fast = cascade.series("fast")
@@ -61,7 +62,8 @@ def walk(lab: Lab) -> None:
     fast, flaky = contained.series("fast"), contained.series("flaky")
     assert fast.errors == 0 and (fast.p99_ms or 0) < 250, fast
     assert flaky.error_pct == 100 and (flaky.p50_ms or 0) < 100, flaky  # most rejected at once
-    assert max(contained.gauge("api", "flaky_slots_used")) == 6
+    # Sampled once a second: a slot frees at each timeout and is taken again at once.
+    assert 4 <= max(contained.gauge("api", "flaky_slots_used")) <= 6
     rejected = contained.gauge("api", "bulkhead_rejected_per_s")
     assert rejected and 8 <= sum(rejected) / len(rejected) <= 20, rejected  # 20 - 6 a second
     assert 3 <= contained.link("api", "flaky").rps <= 9  # 6 slots / 1 s
@@ -124,7 +126,7 @@ def walk(lab: Lab) -> None:
     pause = lab.fault("flaky", "pause", duration=30)
     pause_open = float(lab.wait_event("breaker_opened", paused, node="api")["ts"]) - paused
     frozen = lab.between(paused, time.time() + 1)
-    assert max(frozen.gauge("api", "flaky_slots_used")) == 6
+    assert 4 <= max(frozen.gauge("api", "flaky_slots_used")) <= 6
     assert max(frozen.gauge("api", "bulkhead_rejected_per_s")) >= 5
     assert kill_open < pause_open, (kill_open, pause_open)
     lab.revert(pause)
