@@ -157,7 +157,10 @@ def experiments(lab: Lab) -> None:
     m = run.measured
     assert run.correct is False, m
     assert 2.4 <= m["three_rps"] / m["single_rps"] <= 3.3, m
-    assert 1.0 <= m["budget_rps"] / m["single_rps"] <= 1.3, m
+    # The budget: back near one call per request (the random mix moves each phase's
+    # /flaky rate by about 10%, as much as the budget's own 10%).
+    assert 0.8 <= m["budget_rps"] / m["single_rps"] <= 1.4, m
+    assert m["budget_rps"] <= 0.6 * m["three_rps"], m
     verdicts = lab.verdicts(run)
     assert verdicts["triple"].correct and not verdicts["same"].correct
     assert f"{m['three_rps']:.0f} with up to 3 attempts" in run.explanation
