@@ -381,7 +381,9 @@ def test_retries_multiply_calls_and_a_budget_caps_them(cluster: LocalCluster) ->
     start = cluster.mark() + 1.0
     made = wait_calls(cluster, "/flaky", start, 150)
     assert 1.02 <= flaky_rate(cluster, start, made[-1]["ts"]) <= 1.2
-    assert 0.15 <= 1 - sum(map(ok, made)) / len(made) <= 0.35  # most failures pass through
+    # Most failures pass through: about 23% fail (one standard deviation 3.4%), against
+    # 2.7% with three attempts each.
+    assert 0.08 <= 1 - sum(map(ok, made)) / len(made) <= 0.35
 
 
 # ---- the spec ----------------------------------------------------------------------------

@@ -240,8 +240,9 @@ def setup(node: Node) -> None:
 
     @node.task
     async def report() -> None:
-        node.set_state("breaker", breaker.state)
         show_levels()
+        await asyncio.sleep(0.5)  # once the runtime has said "started", which resets states
+        node.set_state("breaker", breaker.state)
         while True:  # zeros at first, then the counts of each second
             for name in PER_SECOND:
                 node.gauge(name, counts[name])
