@@ -68,8 +68,8 @@ class Param:
     ``node`` (a node the pattern may have, e.g. ``replica-3``), ``role`` (a replicated
     role), ``number`` (from ``low`` to ``high``), ``phases`` (a mapping of phase names,
     lower-case words, to step ids), ``gauge`` (a declared gauge), ``event`` (a declared
-    event or one the platform writes), ``link`` (``src>dst``, two nodes), ``field`` (a
-    field name)."""
+    event or one the platform writes), ``link`` (``src>dst``, two nodes), ``series`` (a
+    declared series' id), ``field`` (a field name)."""
 
     kind: str
     required: bool = True
@@ -293,7 +293,9 @@ def _share_by_node(
 
 
 def _series_label(params: Mapping[str, Any]) -> str:
-    link = params.get("link")
+    link, series = params.get("link"), params.get("series")
+    if series:
+        return f"of the {series} calls"
     return f"on {link.replace('>', ' → ')}" if link else "users saw"
 
 
@@ -312,21 +314,23 @@ def _phase_stats_outputs(params: Mapping[str, Any]) -> dict[str, Output]:
     return out
 
 
-def _series(point: Mapping[str, Any], link: str | None) -> Mapping[str, Any]:
-    if not link:
+def _series(
+    point: Mapping[str, Any], link: str | None, series: str | None = None
+) -> Mapping[str, Any]:
+    if not link and not series:
         return _totals(point)
-    links = point.get("links")
-    entry = links.get(link) if isinstance(links, Mapping) else None
+    entries = point.get("series" if series else "links")
+    entry = entries.get(series or link) if isinstance(entries, Mapping) else None
     return entry if isinstance(entry, Mapping) else {}
 
 
 def _phase_stats(
     history: Sequence[Mapping[str, Any]], timeline: Timeline, params: Mapping[str, Any]
 ) -> dict[str, float]:
-    """Per phase (a step): the rate, errors and latency (p50, p99) of what users saw, or of
-    one link's calls (``link: src>dst``). Skips each phase's first ``skip_s`` seconds and
-    counts whole seconds only."""
-    link = params.get("link")
+    """Per phase (a step): the rate, errors and latency (p50, p99) of what users saw, of
+    one link's calls (``link: src>dst``) or of one declared series (``series: id``). Skips
+    each phase's first ``skip_s`` seconds and counts whole seconds only."""
+    link, series_id = params.get("link"), params.get("series")
     skip = float(params.get("skip_s", 1.0))
     out: dict[str, float] = {}
     for phase, step in params["phases"].items():
@@ -334,7 +338,7 @@ def _phase_stats(
         if math.floor(end) - math.ceil(start + skip) < 1:
             raise MeasureError(PHASE_TOO_SHORT.format(window=step, skip=skip))
         points = points_between(history, start + skip, end, whole=True)
-        series = [_series(p, link) for p in points]
+        series = [_series(p, link, series_id) for p in points]
         calls = sum(_count(entry) for entry in series)
         errors = sum(int(entry.get("errors") or 0) for entry in series)
         if calls == 0:
@@ -517,10 +521,12 @@ MEASURES: dict[str, Measure] = {
         ),
         Measure(
             name="phase_stats",
-            summary="Per phase, the rate, errors and latency (p50, p99) users saw, or one link's.",
+            summary="Per phase, the rate, errors and latency (p50, p99) users saw, or one "
+            "link's, or one series'.",
             params={
                 "phases": Param("phases", help="phase name → step id"),
                 "link": Param("link", required=False, help="a link's calls (src>dst)"),
+                "series": Param("series", required=False, help="a declared series' calls (id)"),
                 "skip_s": Param(
                     "number", required=False, default=1.0, low=0, high=60, help="settling time"
                 ),

@@ -169,6 +169,17 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Series:
+    """Calls ``node`` (a node, or a replicated role) makes on ``route``, charted and
+    measured apart from the rest (``series:`` in the spec)."""
+
+    id: str
+    label: str
+    node: str
+    route: str
+
+
+@dataclass(frozen=True)
 class Layout:
     """Graph hints: columns (or rows, top-to-bottom) of node names and replicated roles;
     a replicated role's instances stack inside its cell."""
@@ -606,6 +617,7 @@ class Pattern:
     params: Mapping[str, Any] = field(default_factory=dict)
     observe: Observe = Observe()
     experiments: tuple[Experiment, ...] = ()
+    series: tuple[Series, ...] = ()
     _by_instance_role: Mapping[str, NodeDef] = field(default_factory=dict, repr=False)
 
     def expand(self, count_overrides: Mapping[str, int] | None = None) -> list[ConcreteNode]:
@@ -700,13 +712,20 @@ class Pattern:
 
     def telemetry_spec(self) -> dict[str, Any]:
         """What the aggregator needs to know of this pattern (plain data): roles of the
-        replicated entries, users, probes and ``observe``."""
+        replicated entries, users, probes, series and ``observe``."""
         return {
             "roles": sorted(d.role for d in self.nodes if d.replicated),
             "users": list(self.users),
             "probes": self.probes(),
+            "series": self.series_list(),
             "observe": self.observe.as_dict(),
         }
+
+    def series_list(self) -> list[dict[str, str]]:
+        """The ``series`` as plain data: ``{"id", "label", "node", "route"}``."""
+        return [
+            {"id": s.id, "label": s.label, "node": s.node, "route": s.route} for s in self.series
+        ]
 
     def _env(self, node_def: NodeDef) -> dict[str, str]:
         env = dict(node_def.env)
@@ -954,6 +973,7 @@ class _Spec:
                 "links",
                 "layout",
                 "users",
+                "series",
                 "traffic",
                 "params",
                 "observe",
@@ -973,6 +993,7 @@ class _Spec:
             layout = Layout("left-to-right", tuple((d.name,) for d in nodes))
         traffic = self.traffic(top, by_name) if "traffic" in top else ()
         users = self.node_refs(top, "users", "users", by_name) if "users" in top else ()
+        series = self.series(top, by_name) if "series" in top else ()
         params = self.params(top) if "params" in top else {}
         observe = self.observe(top, by_name) if "observe" in top else Observe()
         faults = self.faults(top) if "faults" in top else ()
@@ -991,6 +1012,7 @@ class _Spec:
             users=users,
             params=MappingProxyType(params),
             observe=observe,
+            series=series,
             _by_instance_role=MappingProxyType(roles),
         )
         if "experiments" in top:
@@ -1235,6 +1257,21 @@ class _Spec:
             out.append(str(name))
         if not out:
             self.fail(seq.line, f"{where}: name at least one node")
+        return tuple(out)
+
+    def series(self, top: _Map, by_name: Mapping[str, NodeDef]) -> tuple[Series, ...]:
+        seq = self.sequence(top, "series", "series")
+        out: list[Series] = []
+        for index in range(len(seq)):
+            where = f"series[{index}]"
+            m = self.item(seq, index, where)
+            self.keys(m, where, ["id", "node", "route"], ["label"])
+            id_ = self.text(m, "id", f"{where}.id", KEY_RE)
+            if any(s.id == id_ for s in out):
+                self.fail(self.line(m, "id"), f"{where}.id: {id_!r} is declared twice")
+            node = self.endpoint(m, "node", f"{where}.node", by_name)
+            route = self.url_path(m, "route", f"{where}.route")
+            out.append(Series(id_, self.label(m, where, f"{node} {route}"), node, route))
         return tuple(out)
 
     def params(self, top: _Map) -> dict[str, Any]:
@@ -1734,6 +1771,16 @@ class _Spec:
                 params[key] = event
             elif spec.kind == "field":
                 params[key] = self.text(given, key, key_where, KEY_RE)
+            elif spec.kind == "series":
+                series_id = self.text(given, key, key_where)
+                known = [s.id for s in pattern.series]
+                if series_id not in known:
+                    self.fail(
+                        line,
+                        f"{key_where}: {series_id!r} is not a declared series "
+                        f"(series: {', '.join(known) or 'none'})",
+                    )
+                params[key] = series_id
             elif spec.kind == "link":
                 link = self.text(given, key, key_where)
                 ends = link.split(">")
@@ -1756,6 +1803,8 @@ class _Spec:
                         )
                     named[phase] = self.step_ref(phases, phase, f"{key_where}.{phase}", step_ids)
                 params[key] = named
+        if "link" in params and "series" in params:
+            self.fail(given.line, f"{where}: give link or series, not both")
         if "at_most" in declared and ("at_most" in params) == ("at_least" in params):
             self.fail(given.line, f"{where}: give either at_most or at_least")
         if (

@@ -17,15 +17,17 @@ Wire formats (version 1; add fields freely, change meanings only with ``v: 2``):
                            "probe_rps", "probe_error_pct"}},
      "sample": [{"src", "dst", "status", "ms", "ts"}, …],   # ≤ 40 calls since last frame
      "totals": {"rps", "error_pct", "p50_ms", "p99_ms"},
+     "series": {id: {"rps", "error_pct", "p50_ms", "p99_ms"}},   # the spec's ``series``
      "faults": [{"node", "kind"}, …],
      "tables": [{"id", "node", "rows": [{column id: value}, …]}, …]}
 
   What the aggregator knows of the pattern comes from ``Pattern.telemetry_spec()``
-  (``users``, probe links, ``observe``); it names no pattern, role or route itself.
+  (``users``, probe links, ``series``, ``observe``); it names no pattern, role or route itself.
   Rates are per second over the last ``window`` seconds ending ``lag`` seconds ago (lines
   reach the supervisor up to ~0.15 s late). A node's figures come from the ``request``
   lines it wrote (a user node's, from its ``call`` lines); a link's from its source's
-  ``call`` lines. Calls on a probe link's route count only as that link's ``probe_*``.
+  ``call`` lines; a series' from the ``call`` lines its node (or role) wrote on its
+  route. Calls on a probe link's route count only as that link's ``probe_*``.
   An error is status 0 (no answer) or ≥ 400. Latencies are null when nothing was seen.
   ``in_flight`` is what the node reports as its ``in_flight`` gauge when it does, else the
   time-averaged concurrency of the window's requests (Little's law). Totals are what
@@ -56,6 +58,7 @@ Wire formats (version 1; add fields freely, change meanings only with ``v: 2``):
      "nodes": {name: {"rps", "error_pct", "p50_ms", "p99_ms", "n", "errors", "state",
                       "in_flight", "gauges", "states"}},
      "links": {"src>dst": {as totals}},                # calls, probes excluded
+     "series": {id: {as totals}},                      # only when the spec has series
      "events": {kind: count},                          # events of that second, if any
      "event_values": {kind: {field: number}}}          # their numeric fields (the last)
 
@@ -110,6 +113,7 @@ class Record(NamedTuple):
     status: int
     ms: float
     probe: bool
+    route: str = ""
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,9 @@ class Aggregator:
         self._probes = [
             (str(p["from"]), str(p["to"]), str(p["route"])) for p in spec.get("probes") or ()
         ]
+        self._series = [
+            (str(s["id"]), str(s["node"]), str(s["route"])) for s in spec.get("series") or ()
+        ]
         self._declared_events: dict[str, Mapping[str, Any]] = dict(observe.get("events") or {})
         self._mark_defs = list(observe.get("marks") or ())
         self._gauge_ids = {g["id"] for g in observe.get("gauges") or ()} | {IN_FLIGHT_GAUGE}
@@ -343,6 +350,7 @@ class Aggregator:
                     status=int(line.get("status", 0)),
                     ms=float(line.get("ms", 0.0)),
                     probe=False,
+                    route=str(line.get("route") or "")[:MAX_CELL_CHARS],
                 )
             except (TypeError, ValueError):
                 return []
@@ -627,6 +635,17 @@ class Aggregator:
             return [r for r in records if r.kind == "call" and r.node == name and not r.probe]
         return [r for r in records if r.kind == "request" and r.node == name and not r.probe]
 
+    def _series_records(self, records: Sequence[Record]) -> dict[str, list[Record]]:
+        """Each declared series' records: the calls its node made on its route."""
+        return {
+            id_: [
+                r
+                for r in records
+                if r.kind == "call" and r.route == route and not r.probe and self._is(r.node, node)
+            ]
+            for id_, node, route in self._series
+        }
+
     def _totals_records(self, records: Sequence[Record]) -> list[Record]:
         users = {n for n in self._roles if self._is_user(n)}
         if users:
@@ -692,6 +711,10 @@ class Aggregator:
                 "links": links,
                 "sample": self._take_sample(),
                 "totals": stats(self._totals_records(records), self.window),
+                "series": {
+                    id_: stats(mine, self.window)
+                    for id_, mine in self._series_records(records).items()
+                },
                 "faults": [{"node": n, "kind": k} for n, k in sorted(self._fault_keys())],
                 "tables": self._tables_out(),
             }
@@ -755,6 +778,11 @@ class Aggregator:
                     },
                 }
             )
+            if self._series:
+                self._history[-1]["series"] = {
+                    id_: stats(mine, 1.0) | counts(mine, detail=True)
+                    for id_, mine in self._series_records(records).items()
+                }
             if point_events:
                 self._history[-1].update(point_events)
         for stale in [s for s in self._event_seconds if s <= last_whole]:

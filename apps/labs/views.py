@@ -75,7 +75,8 @@ def panel_context(
 def topology(spec: Pattern, sandbox: Sandbox) -> dict[str, Any]:
     """What the graph draws before the first frame: nodes, layout and links (by node name
     or replicated role, as in the pattern: the browser expands roles to instances), and
-    what the pattern observes (its marks, gauges, states and tables, with their labels)."""
+    what the pattern observes (its marks, gauges, states and tables, with their labels)
+    and its series (charted apart)."""
     return {
         "direction": spec.layout.direction,
         "columns": [list(column) for column in spec.layout.columns],
@@ -85,6 +86,7 @@ def topology(spec: Pattern, sandbox: Sandbox) -> dict[str, Any]:
         ],
         "nodes": {n.name: {"role": n.role, "state": "up"} for n in sandbox.nodes.all()},
         "observe": spec.observe.as_dict(),
+        "series": [{"id": s.id, "label": s.label} for s in spec.series],
     }
 
 

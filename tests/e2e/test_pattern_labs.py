@@ -27,6 +27,7 @@ class Case:
     fault: tuple[str, str]  # node, kind: the chapter's main fault
     state: str  # the node's state class while the fault holds
     experiment: tuple[str, str]  # id, the option the learner picks
+    series: str = ""  # one of the pattern's series, chosen in the charts' "Show"
 
 
 CASES = {
@@ -70,6 +71,15 @@ CASES = {
         "killed",
         ("registry-outage", "nothing"),
     ),
+    "circuit-breaker-bulkhead": Case(
+        "resiliency-patterns",
+        ("client", "api", "fast", "flaky"),
+        "Breaker on flaky",
+        ("flaky", "pause"),
+        "paused",
+        ("breaker-opening", "seconds"),
+        series="fast",
+    ),
 }
 
 
@@ -99,6 +109,16 @@ def test_a_learner_launches_breaks_and_experiments(
     expect(page.get_by_test_id("pattern-state")).to_be_visible()
     expect(page.get_by_test_id("pattern-state")).to_contain_text(case.figure, timeout=10_000)
     shot(page, f"60-{pattern}-running")
+
+    if case.series:  # the charts show one series of the pattern's: calls on one route
+        page.get_by_test_id("chart-scope").select_option(f"series:{case.series}")
+        wait_until(
+            page,
+            "((document.querySelector('[data-lab]').__lab.perNode['series:"
+            + case.series
+            + "'] || {}).rps || []).some(v => v > 0)",
+        )
+        shot(page, f"64-{pattern}-series")
 
     # The code each node runs, one click away (read-only, highlighted).
     first = page.get_by_test_id("code-links").locator("a").first

@@ -351,6 +351,20 @@ FORMAT_ERRORS = [
         "check.params.role: 'front' is not a replicated role",
     ),
     (
+        {57: "      measure: phase_stats", 58: "      params: {phases: {p1: one}, series: ghost}"},
+        58,
+        "check.params.series: 'ghost' is not a declared series (series: none)",
+    ),
+    (
+        {
+            14: "params: {interval_s: 1.0}\nseries: [{id: calls, node: front, route: /}]",
+            57: "      measure: phase_stats",
+            58: "      params: {phases: {p1: one}, series: calls, link: front>worker-1}",
+        },
+        59,
+        "check.params: give link or series, not both",
+    ),
+    (
         {57: "      measure: share_by_node\n      show: [hue]"},
         58,
         "check.show[0]: 'hue' is not a value the measure gives",

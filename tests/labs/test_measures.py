@@ -77,6 +77,22 @@ def test_phase_stats_of_a_link_per_phase() -> None:
     assert out["calm_rps"] == 1.0
 
 
+def test_phase_stats_of_a_series_per_phase() -> None:
+    def fast(ms: float, errors: int = 0) -> dict[str, Any]:
+        return {"fast": {"n": 2, "errors": errors, "ms_hist": [[ms, 2]]}}
+
+    history = [point(i, series=fast(6.0)) for i in range(1, 6)]
+    history += [point(i, series=fast(1990.0, errors=1)) for i in range(6, 11)]
+    out = compute(
+        "phase_stats", history, {"calm": (0, 5), "cascade": (5, 10)},
+        phases={"calm": "calm", "cascade": "cascade"}, series="fast", skip_s=1.0,
+    )  # fmt: skip
+    assert out["calm_p99_ms"] == 6.0 and out["cascade_p99_ms"] == 1990.0
+    assert out["calm_rps"] == 2.0 and out["cascade_error_pct"] == 50.0
+    labels = MEASURES["phase_stats"].outputs({"phases": {"calm": "calm"}, "series": "fast"})
+    assert labels["calm_p99_ms"].label == "p99 latency of the fast calls, calm"
+
+
 def test_phase_stats_without_traffic_says_so() -> None:
     with pytest.raises(MeasureError, match="No request reached"):
         compute(

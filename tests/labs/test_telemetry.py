@@ -448,6 +448,37 @@ def test_the_history_keeps_each_links_figures() -> None:
     assert link["n"] == 9 and link["p50_ms"] == 50.0 and link["errors"] == 0
 
 
+def test_series_split_a_nodes_calls_by_route_in_frames_and_history() -> None:
+    spec = KV_SPEC | {
+        "series": [
+            {"id": "gets", "label": "client GET /kv", "node": "client", "route": "/kv/{key}"},
+            {"id": "scans", "label": "scans", "node": "client", "route": "/scan"},
+            {"id": "shard_scans", "label": "x", "node": "shard", "route": "/scan"},
+        ]
+    }
+    agg = Aggregator(spec, window=1.0, lag=0.0)
+    agg.update_status(nodes=KV_NODES, faults=[], now=T0)
+    for i in range(10):
+        ts = T0 + 0.05 + i / 10
+        agg.ingest(call("client", "router", ts, ms=5.0, route="/kv/{key}"))
+        if i % 2:
+            agg.ingest(call("client", "router", ts, status=504, ms=900.0, route="/scan"))
+        agg.ingest(request("client", "router", ts, route="/scan"))  # not a call
+        agg.ingest(call("router", "shard-1", ts, route="/scan"))  # not the series' node
+    frame = agg.frame(T0 + 1)
+    assert frame["series"]["gets"] == {"rps": 10.0, "error_pct": 0.0, "p50_ms": 5.0, "p99_ms": 5.0}
+    assert frame["series"]["scans"]["rps"] == 5.0 and frame["series"]["scans"]["error_pct"] == 100
+    assert frame["series"]["shard_scans"]["rps"] == 0.0
+    point = agg.snapshot(T0 + 1)["history"][-1]
+    assert point["series"]["scans"]["n"] == 5 and point["series"]["scans"]["errors"] == 5
+    assert point["series"]["gets"]["ms_hist"] == [[latency_bucket(5.0), 10]]
+    # A pattern without series keeps its history points as they were.
+    plain = kv()
+    plain.ingest(call("client", "router", T0 + 0.5, route="/scan"))
+    plain.frame(T0 + 1)
+    assert "series" not in plain.snapshot(T0 + 1)["history"][-1]
+
+
 def test_hostile_observations_are_bounded() -> None:
     agg = kv()
     rows = [{"shard": "x" * 500, "keys": i} for i in range(500)]

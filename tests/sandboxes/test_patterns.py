@@ -186,6 +186,16 @@ def test_the_test_spec_itself_is_valid(tmp_path: Path) -> None:
     assert pattern_ids(tmp_path) == ["test"]
 
 
+def test_series_name_a_node_or_role_and_a_route(tmp_path: Path) -> None:
+    series = "series:\n  - {id: slow, node: front, route: /slow, label: front GET /slow}\n"
+    write_pattern(tmp_path, {14: series + "  - {id: all, node: worker, route: /}"})
+    pattern = load_pattern("test", root=tmp_path)
+    assert pattern.telemetry_spec()["series"] == [
+        {"id": "slow", "label": "front GET /slow", "node": "front", "route": "/slow"},
+        {"id": "all", "label": "worker /", "node": "worker", "route": "/"},  # default label
+    ]
+
+
 SPEC_ERRORS = [
     ({1: "title: Test pattern\ncolour: red"}, 2, "pattern: unknown key 'colour' (expected"),
     ({1: "# untitled"}, 2, "pattern: missing key 'title'"),
@@ -245,6 +255,15 @@ SPEC_ERRORS = [
     ),
     ({10: "  - {from: front, to: worker, route: /x}"}, 10, "links[0].route: only a probe link"),
     ({14: "users: [front, nobody]"}, 14, "users[1]: unknown node 'nobody'"),
+    ({14: "series:\n  - {id: a, node: ghost, route: /}"}, 15, "series[0].node: unknown node"),
+    ({14: "series:\n  - {id: a, node: front, route: x}"}, 15, "series[0].route: must start"),
+    ({14: "series:\n  - {id: a, node: front}"}, 15, "series[0]: missing key 'route'"),
+    ({14: "series:\n  - {id: A, node: front, route: /}"}, 15, "series[0].id: 'A' is not"),
+    (
+        {14: "series:\n  - {id: a, node: front, route: /}\n  - {id: a, node: worker, route: /}"},
+        16,
+        "series[1].id: 'a' is declared twice",
+    ),
     (
         {14: "observe:\n  events:\n    - {id: started, text: x}"},
         16,

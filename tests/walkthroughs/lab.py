@@ -55,7 +55,8 @@ def walkthrough_engine() -> str:
 
 @dataclass
 class Figures:
-    """What the lab shows for one series over a window: users, a node or a link."""
+    """What the lab shows for one series over a window: users, a node, a link or one of
+    the pattern's series."""
 
     n: int
     errors: int
@@ -111,6 +112,10 @@ class Window:
 
     def link(self, src: str, dst: str) -> Figures:
         return self._merge([(p.get("links") or {}).get(f"{src}>{dst}") or {} for p in self.points])
+
+    def series(self, series_id: str) -> Figures:
+        """One of the pattern's ``series`` (calls one node makes on one route)."""
+        return self._merge([(p.get("series") or {}).get(series_id) or {} for p in self.points])
 
     def gauge(self, node: str, gauge: str) -> list[float]:
         out = []
@@ -196,6 +201,22 @@ class Lab:
         events = [e for e in snapshot.get("events") or [] if start <= e["ts"] <= end + 1]
         return Window(points, events)
 
+    def between(self, start: float, end: float) -> Window:
+        """What the lab's history holds of the whole seconds from ``start`` to ``end``
+        (already past: waits until the history covers them)."""
+        first, last = math.ceil(start) + 1, math.floor(end)
+        deadline = time.monotonic() + 10
+        while True:
+            snapshot = self.snapshot()
+            history = snapshot.get("history") or []
+            if history and history[-1]["ts"] >= last:
+                break
+            assert time.monotonic() < deadline, "the lab's history did not reach the window"
+            time.sleep(0.2)
+        points = [p for p in history if first <= p["ts"] <= last]
+        events = [e for e in snapshot.get("events") or [] if start <= e["ts"] <= end + 1]
+        return Window(points, events)
+
     def experiment(self, experiment_id: str, prediction: Any) -> ExperimentRun:
         """Run one of the pattern's experiments with a prediction, as the learner does
         (its steps and check run as background tasks: the test needs a Celery worker),
@@ -226,14 +247,22 @@ class Lab:
         }
 
     def wait_event(
-        self, kind: str, since: float, timeout: float = 10.0, node: str | None = None
+        self,
+        kind: str,
+        since: float,
+        timeout: float = 10.0,
+        node: str | None = None,
+        **data: Any,
     ) -> Mapping[str, Any]:
-        """The first event of this kind (of this node) in the lab's log since ``since``."""
+        """The first event of this kind (of this node, with these ``data`` fields) in the
+        lab's log since ``since``."""
         deadline = time.monotonic() + timeout
         while True:
             for event in self.snapshot().get("events") or []:
                 mine = node is None or event.get("node") == node
-                if event.get("kind") == kind and event["ts"] >= since and mine:
+                fields = event.get("data") or {}
+                matches = all(fields.get(k) == v for k, v in data.items())
+                if event.get("kind") == kind and event["ts"] >= since and mine and matches:
                     return event
             assert time.monotonic() < deadline, f"no {kind} event within {timeout:g} s"
             time.sleep(0.2)

@@ -108,6 +108,7 @@
     this.observe = {
       marks: observe.marks || [], gauges: observe.gauges || [], states: observe.states || [], tables: observe.tables || [],
     };
+    this.series = topology.series || []; // calls charted apart: [{id, label}]
     this.marks = {}; // mark id → its spec
     for (var mi = 0; mi < this.observe.marks.length; mi++) this.marks[this.observe.marks[mi].id] = this.observe.marks[mi];
     this.tables = []; // the last frame's pattern tables
@@ -261,7 +262,7 @@
     this.times.splice(keep);
     for (var key in this.totals) this.totals[key].splice(keep);
     for (var name2 in this.perNode) for (var m in this.perNode[name2]) this.perNode[name2][m].splice(keep);
-    for (var i = 0; i < history.length; i++) this.push(history[i].ts, history[i].totals, history[i].nodes);
+    for (var i = 0; i < history.length; i++) this.push(history[i].ts, history[i].totals, history[i].nodes, history[i].series);
     if (snapshot.tables) this.tables = snapshot.tables;
     if (snapshot.frame) this.applyFrame(snapshot.frame, false);
     this.build();
@@ -291,7 +292,7 @@
     this.updatePatternState();
     if (live) {
       this.lastFrameAt = Date.now();
-      this.push(frame.ts, frame.totals, frame.nodes);
+      this.push(frame.ts, frame.totals, frame.nodes, frame.series);
       this.chartsDirty = true;
       this.launchDots(frame.sample || []);
     }
@@ -598,10 +599,11 @@
     var names = Object.keys(this.nodes).sort(natural);
     var scope = this.root.querySelector("[data-lab-scope]");
     if (scope) {
-      // What the charts can show: the whole sandbox, one node, or a gauge of the
-      // pattern's (one line per node that reports it).
-      var gauges = this.observe.gauges;
-      var wanted = names.join() + "|" + gauges.map(function (g) { return g.id; }).join();
+      // What the charts can show: the whole sandbox, one node, a gauge of the
+      // pattern's (one line per node that reports it), or one of its series.
+      var gauges = this.observe.gauges, series = this.series;
+      var wanted = names.join() + "|" + gauges.map(function (g) { return g.id; }).join() +
+        "|" + series.map(function (x) { return x.id; }).join();
       if (scope.getAttribute("data-options") !== wanted) {
         while (scope.children.length > 1) scope.removeChild(scope.lastChild);
         var group = document.createElement("optgroup");
@@ -614,8 +616,15 @@
           for (var g = 0; g < gauges.length; g++) group.appendChild(new Option(gauges[g].label, "gauge:" + gauges[g].id));
           scope.appendChild(group);
         }
+        if (series.length) {
+          group = document.createElement("optgroup");
+          group.label = "Calls by route";
+          for (var x = 0; x < series.length; x++) group.appendChild(new Option(series[x].label, "series:" + series[x].id));
+          scope.appendChild(group);
+        }
         scope.setAttribute("data-options", wanted);
-        scope.value = this.nodes[this.scope] || this.gaugeOfScope() ? this.scope : "";
+        var known = this.nodes[this.scope] || this.gaugeOfScope() || this.scope.indexOf("series:") === 0;
+        scope.value = known ? this.scope : "";
         if (scope.value !== this.scope) { this.scope = scope.value; this.showScope(); }
       }
     }
@@ -842,10 +851,18 @@
 
   var NODE_SERIES = ["rps", "error_pct", "p50_ms", "p99_ms"];
 
-  // One point per second (or frame) for the charts: the totals, and per node its figures
-  // and its gauges (as "gauge:<id>"), every series as long as `times`.
-  Lab.prototype.push = function (ts, totals, nodes) {
+  // One point per second (or frame) for the charts: the totals, per node its figures
+  // and its gauges (as "gauge:<id>"), and the pattern's series (kept like a node named
+  // "series:<id>"), every list as long as `times`.
+  Lab.prototype.push = function (ts, totals, nodes, series) {
     if (this.times.length && ts <= this.times[this.times.length - 1]) return;
+    if (this.series.length) {
+      nodes = Object.assign({}, nodes);
+      for (var s = 0; s < this.series.length; s++) {
+        var id = this.series[s].id;
+        nodes["series:" + id] = (series && series[id]) || {};
+      }
+    }
     this.times.push(ts);
     for (var key in this.totals) this.totals[key].push(totals ? totals[key] : null);
     var count = this.times.length;
