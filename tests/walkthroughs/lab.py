@@ -187,19 +187,7 @@ class Lab:
         time.sleep(seconds)  # a window of traffic to measure
         while math.floor(time.time()) < math.ceil(start) + 1:  # at least one whole second
             time.sleep(0.05)
-        end = time.time()
-        first, last = math.ceil(start) + 1, math.floor(end)
-        deadline = time.monotonic() + 10
-        while True:
-            snapshot = self.snapshot()
-            history = snapshot.get("history") or []
-            if history and history[-1]["ts"] >= last:
-                break
-            assert time.monotonic() < deadline, "the lab's history did not reach the window"
-            time.sleep(0.2)
-        points = [p for p in history if first <= p["ts"] <= last]
-        events = [e for e in snapshot.get("events") or [] if start <= e["ts"] <= end + 1]
-        return Window(points, events)
+        return self.between(start, time.time())
 
     def between(self, start: float, end: float) -> Window:
         """What the lab's history holds of the whole seconds from ``start`` to ``end``
