@@ -191,6 +191,7 @@ def platform(
     os.environ["DISTLAB_VAR_DIR"] = str(tmp)
     os.environ["SANDBOX_ENGINE"] = engine
     os.environ["SANDBOX_INSTANCE"] = f"bench-{os.getpid()}"
+    os.environ["REDIS_PREFIX"] = f"distlab-bench-{os.getpid()}"  # its own keys and groups
     os.environ["CONTENT_AUTO_SYNC"] = "false"
     os.environ["LOG_LEVEL"] = "WARNING"
     if redis:

@@ -42,23 +42,32 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def traffic_health(
-    engine: object, sandbox_id: str, users: list[str], window: float = 2.0
+    engine: object, sandbox_id: str, users: list[str], window: float = 2.0, lag: float = 1.0
 ) -> tuple[float, float]:
-    """Calls/s the sandbox's users (its traffic nodes) completed over the last ``window``
-    seconds, and the share of them that failed (from their own telemetry)."""
+    """Calls/s the sandbox's users (its traffic nodes) completed over a ``window`` of
+    seconds that ended ``lag`` seconds ago (their lines are written by then), and the share
+    of them that failed (from their own telemetry). Each user's log is read until it passes
+    the window: the older a container, the longer the engine takes to seek in its log, and
+    a fixed reading time would count an old sandbox's calls short."""
     import threading
 
     calls = []
-    since = time.time() - window
+    end = time.time() - lag
+    since = end - window
     for node in users:
         stop = threading.Event()
-        timer = threading.Timer(1.0, stop.set)  # the lines are already there: read, stop
+        timer = threading.Timer(20.0, stop.set)  # a log that never passes the window
         timer.start()
-        for raw in engine.follow(sandbox_id, node, since=since, stop=stop):  # type: ignore[attr-defined]
-            line = json.loads(raw)
-            if line.get("type") == "call" and line["ts"] <= since + window:
-                calls.append(line)
-        timer.cancel()
+        try:
+            for raw in engine.follow(sandbox_id, node, since=since, stop=stop):  # type: ignore[attr-defined]
+                line = json.loads(raw)
+                ts = float(line.get("ts") or 0)
+                if ts > end + 1.0:  # past the window (lines are written about in order)
+                    break
+                if line.get("type") == "call" and since <= ts <= end:
+                    calls.append(line)
+        finally:
+            timer.cancel()
     failed = sum(1 for c in calls if c["status"] == 0 or c["status"] >= 400)
     return len(calls) / window, (failed / len(calls) if calls else 1.0)
 

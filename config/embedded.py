@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, beat
@@ -52,11 +53,26 @@ class EmbeddedCelery:
             self.beat.start()
         log.info("embedded Celery worker started (in-memory broker)")
 
-    def stop(self) -> None:
+    def stop(self, *, exiting: bool = False) -> None:
+        """Stop beat and the worker side by side; the worker finishes the tasks it runs
+        (within 10 s). An idle worker notices only at its next broker poll (Celery waits up
+        to 2 s): a process about to exit (``exiting``) does not wait for that, since
+        nothing is left to do and its threads end with it."""
+        from celery.worker import state
+
+        stoppers = [threading.Thread(target=self.worker.stop, kwargs={"in_sighandler": False})]
         if self.beat is not None:
-            self.beat.stop()
-        self.worker.stop(in_sighandler=False)
-        self._thread.join(timeout=10)
+            stoppers.append(threading.Thread(target=self.beat.stop))
+        for stopper in stoppers:
+            stopper.daemon = True
+            stopper.start()
+        deadline = time.monotonic() + 10
+        while state.active_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if exiting and not state.active_requests:
+            deadline = min(deadline, time.monotonic() + 0.2)
+        for thread in (*stoppers, self._thread):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class EmbeddedSupervisor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,9 +67,11 @@ INSTALLED_APPS = [
     "apps.accounts",
     "apps.courses",
     "apps.labs",
+    "apps.classrooms",
 ]
 
 MIDDLEWARE = [
+    "config.health.LivenessMiddleware",  # first: answers /healthz whatever the Host or scheme
     "django.middleware.security.SecurityMiddleware",
     "config.security.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -122,18 +125,21 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: channel layer, cache and Celery broker -----------------------------------
 REDIS_URL = env.url("REDIS_URL", schemes=("redis", "rediss", "unix"))
+# What this Distlab's cache keys and channel names start with, in a Redis it may share with
+# another Distlab. Each parallel test worker (pytest-xdist) has its own.
+REDIS_PREFIX = env.str("REDIS_PREFIX", "distlab") + os.environ.get("PYTEST_XDIST_WORKER", "")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": "distlab", "capacity": 200},
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": REDIS_PREFIX, "capacity": 200},
         }
     }
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "distlab",
+            "KEY_PREFIX": REDIS_PREFIX,
         }
     }
 else:
@@ -142,7 +148,7 @@ else:
 
 # Without Redis, Celery uses an in-memory transport and `manage.py serve` runs a worker
 # (with beat) inside the web process: same tasks, same countdowns, same schedule.
-CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_BROKER_URL = REDIS_URL or "memory://localhost/"
 CELERY_EMBEDDED_WORKER = not REDIS_URL
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -210,6 +216,9 @@ SIGNUP_INVITE_CODE = env.str("SIGNUP_INVITE_CODE")
 if SIGNUP == "invite" and len(SIGNUP_INVITE_CODE) < 8:
     raise ImproperlyConfigured("SIGNUP_INVITE_CODE: set a code of 8 or more characters")
 SIGNUPS_PER_ADDRESS_PER_HOUR = env.int("SIGNUPS_PER_ADDRESS_PER_HOUR", 20, minimum=1)
+# Per user, beyond the sandbox quota: launch attempts and fault injections from the lab.
+LAUNCHES_PER_MINUTE = env.int("LAUNCHES_PER_MINUTE", 6, minimum=1)
+FAULTS_PER_MINUTE = env.int("FAULTS_PER_MINUTE", 30, minimum=1)
 PASSWORD_RESETS_PER_HOUR = env.int(
     "PASSWORD_RESETS_PER_HOUR", 5, minimum=1
 )  # per address and per email
@@ -324,5 +333,17 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", "INFO").upper()},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    # One line per sandbox launched or stopped at INFO; the periodic housekeeping, each task
+    # the worker runs and the servers' start-up chatter only at LOG_LEVEL=DEBUG.
+    "loggers": {
+        name: {"level": env.str("LOG_LEVEL", "WARNING").upper()}
+        for name in (
+            "django.channels.server",
+            "daphne.server",
+            "celery.beat",
+            "celery.worker.strategy",
+            "celery.app.trace",
+            "celery.worker.consumer.connection",
+        )
+    },
 }

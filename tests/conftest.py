@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from django.core.cache import cache
+from django.core.cache import caches
+from django.core.cache.backends.redis import RedisCache
 from django.test import Client
 
 from apps.accounts.models import User
@@ -44,6 +45,12 @@ def shared_test_database_url() -> str:
     require(connection.vendor == "postgresql", "PostgreSQL (a database another process can open)")
     db = connection.settings_dict
     return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+def queued(callbacks: list[Any]) -> list[Any]:
+    """The on-commit callbacks that queue work, without the live dashboard's news
+    (``apps.classrooms.live``, which follows every sandbox and run saved)."""
+    return [c for c in callbacks if getattr(c, "__module__", "") != "apps.classrooms.live"]
 
 
 def make_user(username: str, role: str = User.Role.LEARNER) -> User:
@@ -102,11 +109,24 @@ def local_engine(settings, tmp_path: Path) -> Iterator[Engine]:  # type: ignore[
     get_engine.cache_clear()
 
 
+def clear_own_cache() -> None:
+    """Empty this test process's cache. On Redis only the keys under this process's prefix
+    go (``cache.clear()`` would flush the database that parallel workers share)."""
+    default = caches["default"]
+    if isinstance(default, RedisCache):
+        client = default._cache.get_client(None, write=True)
+        keys = list(client.scan_iter(match=f"{default.key_prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    else:
+        default.clear()
+
+
 @pytest.fixture(autouse=True)
 def _clear_cache() -> Iterator[None]:
-    cache.clear()
+    clear_own_cache()
     yield
-    cache.clear()
+    clear_own_cache()
 
 
 @pytest.fixture
@@ -165,6 +185,22 @@ def course(db: None, content_dir: Path) -> list[Chapter]:
 @pytest.fixture
 def chapter5(course: list[Chapter]) -> Chapter:
     return Chapter.objects.get(number=5)
+
+
+def _realtime_paths() -> tuple[str, ...]:
+    patterns = sorted(p.name for p in (REPO / "sandboxes" / "patterns").iterdir() if p.is_dir())
+    nodes = tuple(f"tests/sandboxes/test_{name.replace('-', '_')}.py" for name in patterns)
+    return ("tests/walkthroughs/", "tests/e2e/test_pattern_labs.py", *nodes)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A pattern run on real time (its node programs, its chapter's walkthrough, its lab in
+    Chromium), each on processes or a sandbox of its own, is marked ``realtime``: such
+    tests mostly wait on the clock, and `make test` runs them side by side after the rest."""
+    paths = _realtime_paths()
+    for item in items:
+        if item.nodeid.startswith(paths):
+            item.add_marker(pytest.mark.realtime)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

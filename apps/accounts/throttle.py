@@ -1,6 +1,6 @@
 """Who is asking, and how often: the client's address (behind trusted proxies only) and
 counters in the shared cache that limit sign-ups, password resets and failed sign-ins per
-address.
+address, and a user's sandbox launches and fault injections.
 
 The address is ``REMOTE_ADDR`` unless that is one of ``settings.TRUSTED_PROXIES`` (a
 reverse proxy in front of Distlab): then it is the right-most address of
@@ -61,8 +61,12 @@ class Limit:
     def _key(self, who: str) -> str:
         return f"throttle:{self.name}:{who}"
 
+    def used(self, who: str) -> int:
+        """Events counted in the current window."""
+        return int(shared.get(self._key(who), 0))
+
     def exceeded(self, who: str) -> bool:
-        return int(shared.get(self._key(who), 0)) >= self.count
+        return self.used(who) >= self.count
 
     def hit(self, who: str) -> None:
         key = self._key(who)
@@ -80,6 +84,17 @@ def signups() -> Limit:
 
 def password_resets() -> Limit:
     return Limit("password-reset", settings.PASSWORD_RESETS_PER_HOUR, 3600)
+
+
+def launches() -> Limit:
+    """Launch attempts per user (refused ones too: a learner hammering Launch)."""
+    return Limit("launch", settings.LAUNCHES_PER_MINUTE, 60)
+
+
+def fault_injections() -> Limit:
+    """Faults a user injects from the lab per minute (experiments' and drills' own steps
+    are not counted: they are bounded by their specs)."""
+    return Limit("fault", settings.FAULTS_PER_MINUTE, 60)
 
 
 def login_failures() -> Limit:

@@ -7,6 +7,7 @@ from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods
 
 from apps.accounts import throttle
@@ -43,9 +44,21 @@ def signup(request: HttpRequest) -> HttpResponse:
         if not invited:  # the code is the gate for invited sign-ups (a class behind one NAT)
             limit.hit(address)
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect("courses:home")
+        return redirect(_next_or_home(request))
     status = 400 if form.errors else 200
-    return render(request, "accounts/signup.html", {"form": form}, status=status)
+    context = {"form": form, "next": _next_or_home(request, default="")}
+    return render(request, "accounts/signup.html", context, status=status)
+
+
+def _next_or_home(request: HttpRequest, default: str = "/") -> str:
+    """Where to go after signing up: the page that sent the visitor here (a class's join
+    link, say), if it is on this site; else ``default``."""
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    if target and url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return default
 
 
 class LoginView(auth_views.LoginView):

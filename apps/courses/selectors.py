@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.core.cache import cache
-from django.db.models import Max
+from django.db.models import Count, Max
 from django.http import Http404
 
 from apps.accounts.models import User
@@ -80,6 +82,39 @@ def chapter_list_for_user(*, user: User | None) -> list[ChapterRow]:
         ChapterRow(c, c.pk in read, best.get(c.pk), *experiments.get(c.sandbox, (0, 0)))
         for c in chapters
     ]
+
+
+@dataclass(frozen=True)
+class CourseProgress:
+    """Many users' course progress at once (a classroom), keyed by (user id, chapter id)."""
+
+    read_at: dict[tuple[int, int], datetime]
+    best_score: dict[tuple[int, int], int]
+    attempts: dict[tuple[int, int], int]
+    last_activity: dict[int, datetime]  # user id → their latest read mark or quiz attempt
+
+
+def course_progress_for_users(*, user_ids: Iterable[int]) -> CourseProgress:
+    users = list(user_ids)
+    read_at: dict[tuple[int, int], datetime] = {}
+    last: dict[int, datetime] = {}
+    for user_id, chapter_id, when in ChapterProgress.objects.filter(user_id__in=users).values_list(
+        "user_id", "chapter_id", "read_at"
+    ):
+        read_at[(user_id, chapter_id)] = when
+        last[user_id] = max(when, last.get(user_id, when))
+    best: dict[tuple[int, int], int] = {}
+    attempts: dict[tuple[int, int], int] = {}
+    for row in (
+        QuizAttempt.objects.filter(user_id__in=users)
+        .values("user_id", "chapter_id")
+        .annotate(best=Max("score"), count=Count("pk"), last=Max("created_at"))
+    ):
+        key = (row["user_id"], row["chapter_id"])
+        best[key] = row["best"]
+        attempts[key] = row["count"]
+        last[row["user_id"]] = max(row["last"], last.get(row["user_id"], row["last"]))
+    return CourseProgress(read_at, best, attempts, last)
 
 
 def chapter_get(*, slug: str) -> Chapter:

@@ -5,62 +5,49 @@ gets a snapshot (nodes, last frame, history, recent events) and the event log as
 fragment; then frames and events from the supervisor are forwarded as they come, each
 event also as an HTML fragment for the log (JSON messages start with ``{``, fragments with
 ``<``: the page hands JSON to its own code and fragments to htmx's WebSocket extension).
-Refusals are sent as close codes after accepting, so browsers see them (a refusal before
-accepting reaches them as a bare 403):
-
-* 4401 not signed in · 4404 no such sandbox, or not yours · 4410 the sandbox is not active
-* 4409 the user already has ``settings.SOCKETS_PER_USER`` streams open (other tabs)
-* 4413 a client message over ``MAX_MESSAGE_BYTES`` · 4429 more than ``MAX_MESSAGES`` client
-  messages in ``RATE_WINDOW_S`` seconds.
-
-Each open stream holds one of its user's slots in the cache (shared by every web process),
-refreshed while it is open and freed when it closes, or ``SLOT_TTL_S`` after a process died.
+Refusals and limits are the ones of every live stream (``config.websocket.LiveStream``):
+4401 not signed in, 4404 no such sandbox or not yours, 4410 the sandbox is not active, 4409
+too many streams open, 4413 and 4429 for oversized and flooding client messages.
 
 The only client message so far is ``{"type": "ping"}`` (answered ``{"type": "pong"}``).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from importlib import import_module
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.conf import settings
-from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.template.loader import render_to_string
-from django.utils.crypto import constant_time_compare
 
 from apps.labs import selectors, services
 from apps.labs.models import ACTIVE_STATES, Sandbox
 from apps.labs.supervisor import group_name, snapshot_cache_key
 from apps.labs.telemetry import empty_snapshot
+from config.websocket import (  # noqa: F401 (the stream's close codes and limits, named here too)
+    CLOSE_GONE,
+    CLOSE_NOT_FOUND,
+    CLOSE_TOO_BIG,
+    CLOSE_TOO_MANY,
+    CLOSE_TOO_MANY_SOCKETS,
+    CLOSE_UNAUTHENTICATED,
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGES,
+    UNKNOWN_MESSAGE,
+    LiveStream,
+    signed_in,
+)
 
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_NOT_FOUND = 4404
-CLOSE_TOO_MANY_SOCKETS = 4409
-CLOSE_GONE = 4410
-CLOSE_TOO_BIG = 4413
-CLOSE_TOO_MANY = 4429
-MAX_MESSAGE_BYTES = 4096
-MAX_MESSAGES = 20
-RATE_WINDOW_S = 5.0
 TOUCH_EVERY_S = 60.0
-SLOT_TTL_S = 3 * TOUCH_EVERY_S
 EVENT_OOB = "labs/sandbox.html#event_oob"
 EVENTS = "labs/sandbox.html#events"
 # The supervisor's messages (``apps/labs/supervisor.py``) and their handlers.
 SUPERVISOR_MESSAGES = {"sandbox.frame": "sandbox_frame", "sandbox.event": "sandbox_event"}
-UNKNOWN_MESSAGE = 'Unknown message: the only message accepted is {"type": "ping"}.'
-BAD_JSON = "Messages must be JSON objects."
 # An event's ``severity`` that the log marks (absent: info, unmarked).
 SEVERITIES = {"warning": "Warning", "error": "Error"}
 
@@ -101,13 +88,8 @@ def _sandbox_for(user: Any, sandbox_id: str) -> Sandbox:
 def _check(sandbox: Sandbox, *, touch: bool, user: Any, session_key: str | None) -> int | None:
     """Why the stream must end now (a close code), or None: the viewer signed out (or
     changed password) since connecting, or the sandbox is no longer active. With
-    ``touch``, postpone the sandbox's idle expiry."""
-    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-    data = store.load() if session_key and store.exists(session_key) else {}
-    signed_in = str(data.get(SESSION_KEY)) == str(user.pk) and constant_time_compare(
-        str(data.get(HASH_SESSION_KEY, "")), user.get_session_auth_hash()
-    )
-    if not signed_in:
+    ``touch``, postpone the sandbox's idle expiry. (One hop to the database thread.)"""
+    if not signed_in(user, session_key):
         return CLOSE_UNAUTHENTICATED
     if touch:
         services.sandbox_touch(sandbox=sandbox)
@@ -115,36 +97,25 @@ def _check(sandbox: Sandbox, *, touch: bool, user: Any, session_key: str | None)
     return None if state in ACTIVE_STATES else CLOSE_GONE
 
 
-def _slot_key(user_id: int, index: int) -> str:
-    return f"labs:ws-slot:{user_id}:{index}"
-
-
-class SandboxConsumer(AsyncJsonWebsocketConsumer):
+class SandboxConsumer(LiveStream):
     sandbox: Sandbox | None = None
-    group: str | None = None
     touched: float | None = None  # monotonic time of the last check (and touch)
-    slot: str | None = None  # the cache key of the user's slot this stream holds
 
     async def connect(self) -> None:
         await self.accept()
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
-            return
-        if not await self._take_slot(user.pk):
-            await self.close(code=CLOSE_TOO_MANY_SOCKETS)
+        user = await self.open_for()
+        if user is None:
             return
         try:
             sandbox = await _sandbox_for(user, self.scope["url_route"]["kwargs"]["sandbox_id"])
         except (Http404, PermissionDenied):
-            await self.close(code=CLOSE_NOT_FOUND)
+            await self.close_with(CLOSE_NOT_FOUND)
             return
         if not sandbox.is_active:
-            await self.close(code=CLOSE_GONE)
+            await self.close_with(CLOSE_GONE)
             return
         self.sandbox = sandbox
         self.is_owner = sandbox.owner_id == user.pk
-        self.received: deque[float] = deque(maxlen=MAX_MESSAGES + 1)
         self.group = group_name(sandbox.hex)
         await self.channel_layer.group_add(self.group, self.channel_name)
         snapshot = await cache.aget(snapshot_cache_key(sandbox.hex))
@@ -156,27 +127,6 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
         await self.send(text_data=render_events(reversed(snapshot.get("events") or [])))
         await self._keep_alive()
 
-    async def disconnect(self, code: int) -> None:
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-            self.group = None
-        await self._free_slot()
-
-    async def _take_slot(self, user_id: int) -> bool:
-        """One of the user's open-stream slots (``cache.add`` is atomic), or False: a few
-        tabs per user, so that one user's hundreds of sockets cannot slow the site."""
-        for index in range(settings.SOCKETS_PER_USER):
-            key = _slot_key(user_id, index)
-            if await cache.aadd(key, self.channel_name, timeout=SLOT_TTL_S):
-                self.slot = key
-                return True
-        return False
-
-    async def _free_slot(self) -> None:
-        slot, self.slot = self.slot, None
-        if slot is not None and await cache.aget(slot) == self.channel_name:
-            await cache.adelete(slot)
-
     async def _keep_alive(self) -> None:
         """The owner watching keeps the sandbox from idle expiry (checked once a minute,
         when it also notices a sandbox that has ended and a viewer who signed out)."""
@@ -186,52 +136,13 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
         ):
             return
         previous, self.touched = self.touched, now
-        if self.slot is not None and previous is not None:  # taken at connect: still fresh
-            await cache.atouch(self.slot, timeout=SLOT_TTL_S)
-        session = self.scope.get("session")
+        if previous is not None:  # the slot was taken at connect: still fresh
+            await self.touch_slot()
         code = await _check(
-            self.sandbox,
-            touch=self.is_owner,
-            user=self.scope["user"],
-            session_key=session.session_key if session is not None else None,
+            self.sandbox, touch=self.is_owner, user=self.scope["user"], session_key=self.session_key
         )
         if code is not None:
-            await self._close(code)
-
-    async def _close(self, code: int) -> None:
-        await self.disconnect(code)
-        await self.close(code=code)
-
-    # --- from the client ---------------------------------------------------------------
-
-    async def receive(
-        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
-    ) -> None:
-        if self.group is None:
-            return
-        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
-        if size > MAX_MESSAGE_BYTES:
-            await self._close(CLOSE_TOO_BIG)
-            return
-        now = time.monotonic()
-        self.received.append(now)
-        if len(self.received) > MAX_MESSAGES and now - self.received[0] < RATE_WINDOW_S:
-            await self._close(CLOSE_TOO_MANY)
-            return
-        try:
-            content = json.loads(text_data) if text_data is not None else None
-        except ValueError:
-            content = None
-        if not isinstance(content, dict):
-            await self.send_json({"type": "error", "message": BAD_JSON})
-            return
-        await self.receive_json(content)
-
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        if content.get("type") == "ping":
-            await self.send_json({"type": "pong"})
-        else:
-            await self.send_json({"type": "error", "message": UNKNOWN_MESSAGE})
+            await self.close_with(code)
 
     # --- from the supervisor -----------------------------------------------------------
 
@@ -266,4 +177,4 @@ class SandboxConsumer(AsyncJsonWebsocketConsumer):
         await self._forward(message)
         await self.send(text_data=render_event(message["data"]))
         if message["data"].get("kind") == "sandbox_ended":
-            await self._close(CLOSE_GONE)
+            await self.close_with(CLOSE_GONE)

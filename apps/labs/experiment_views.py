@@ -62,7 +62,7 @@ class Card:
         return out
 
 
-def _card(
+def experiment_card(
     experiment: Experiment,
     run: ExperimentRun | None,
     *,
@@ -125,26 +125,71 @@ def experiments_context(
     except PatternError:
         pattern = None
     found = pattern.experiments if pattern is not None else ()
-    last = selectors.experiment_last_runs(user=sandbox.owner, pattern=sandbox.pattern)
+    # The running run first, then the latest runs: a run that is checked between the two
+    # reads is then either still running here (and the fragment polls once more) or
+    # checked there, never running in one and gone from the other, which showed a card
+    # with no run and stopped the polling for good.
     running = selectors.experiment_run_running(sandbox=sandbox)
+    last = selectors.experiment_last_runs(user=sandbox.owner, pattern=sandbox.pattern)
     is_owner = sandbox.owner_id == user.pk
     cards = []
     for experiment in found:
         run = last.get(experiment.id)
-        if run is not None and run.is_running and (running is None or run.pk != running.pk):
+        if run is not None and run.is_running and run.sandbox_id != sandbox.pk:
             run = None  # running on another of the learner's sandboxes: not this one's news
+        elif run is not None and run.is_running and running is None:
+            running = run  # started between the two reads: poll for it
         mine = experiment.id == form_for
         cards.append(
-            _card(
+            experiment_card(
                 experiment,
                 run,
                 value=value if mine else "",
                 error=error if mine else "",
             )
         )
+    # Experiments the learner's class asked for (classrooms.guided): marked, open, first.
+    from apps.classrooms.guided import class_experiments_asked
+
+    asked = class_experiments_asked(user=sandbox.owner, pattern=sandbox.pattern) if is_owner else {}
+    if asked:
+        cards.sort(key=lambda c: c.experiment.id not in asked)
+    stages = experiments.scenario_stages(sandbox=sandbox, pattern=pattern) if pattern else []
+    scenario = None
+    if pattern is not None and pattern.scenario is not None and stages:
+        done = [s for s in stages if s.run is not None]
+        following = next((s for s in stages if s.run is None), None)
+        # The scenario's stages in its order, then the pattern's other experiments.
+        order = {s.experiment.id: s.number for s in stages}
+        cards.sort(key=lambda c: order.get(c.experiment.id, len(stages) + 1))
+        scenario = {
+            "title": pattern.scenario.title,
+            "intro": pattern.scenario.intro,
+            "stages": stages,
+            "score": sum(1 for s in done if s.run and s.run.correct),
+            "done": len(done),
+            "total": len(stages),
+            "finished": following is None,
+            "next": following.experiment.id if following else "",
+            # The stage whose result came last stays open beside the next one.
+            "latest": max(done, key=lambda s: s.run.started_at if s.run else 0).experiment.id
+            if done
+            else "",
+            "locked": {
+                s.experiment.id
+                for s in stages
+                if following is not None and s.number > following.number and s.run is None
+            },
+        }
     return {
         "sandbox": sandbox,
         "cards": cards,
+        "scenario": scenario,
+        "asked": asked,
+        "asked_titles": [
+            (ask, card.experiment.title) for card in cards if (ask := asked.get(card.experiment.id))
+        ],
+        "locked": scenario["locked"] if scenario else set(),
         "running": running,
         "is_owner": is_owner,
         "sandbox_running": sandbox.state == Sandbox.State.RUNNING,

@@ -36,7 +36,7 @@ from apps.labs import selectors, services
 from apps.labs.engine import EngineError
 from apps.labs.measures import MEASURES, MeasureError, TelemetryMissing, Timeline, safe_format
 from apps.labs.models import ExperimentRun, Sandbox
-from apps.labs.patterns import Action, Experiment, PatternError, load_pattern
+from apps.labs.patterns import Action, Experiment, Pattern, PatternError, load_pattern
 from apps.labs.supervisor import snapshot_cache_key
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ BUSY = (
     "wait for its result, or cancel it."
 )
 NOTHING_TO_CANCEL = "No experiment is running on this sandbox."
+OUT_OF_ORDER = (
+    "The scenario goes one stage at a time, in order: stage {number}, “{title}”, comes first."
+)
 STEP_FAILED = "Step {number} (“{step}”) could not be done: {message}"
 SANDBOX_ENDED = (
     "The sandbox was {state} before the experiment finished, so there is nothing to check. "
@@ -95,6 +98,41 @@ class PredictionInvalid(ExperimentError):
     pass
 
 
+class ScenarioOrder(ExperimentError):
+    pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a pattern's scenario on one sandbox: its experiment and the learner's
+    latest checked run of it there (None: not done yet)."""
+
+    number: int
+    experiment: Experiment
+    run: ExperimentRun | None
+
+
+def scenario_stages(*, sandbox: Sandbox, pattern: Pattern) -> list[Stage]:
+    """The pattern's scenario as this sandbox went through it (a scenario is one sandbox's:
+    a new sandbox starts it again)."""
+    if pattern.scenario is None:
+        return []
+    runs: dict[str, ExperimentRun] = {}
+    checked = ExperimentRun.objects.filter(
+        sandbox=sandbox,
+        state=ExperimentRun.State.CHECKED,
+        experiment__in=pattern.scenario.experiments,
+    ).order_by("started_at")
+    for run in checked:
+        runs[run.experiment] = run  # the latest wins
+    stages = []
+    for number, experiment_id in enumerate(pattern.scenario.experiments, start=1):
+        experiment = pattern.experiment(experiment_id)
+        assert experiment is not None  # the loader checked it
+        stages.append(Stage(number, experiment, runs.get(experiment_id)))
+    return stages
+
+
 class CheckNotReady(Exception):
     """Too early to check (telemetry still catching up): the check task retries."""
 
@@ -128,6 +166,7 @@ def experiment_start(
         busy = selectors.experiment_run_running(sandbox=sandbox)
         if busy is not None:
             raise ExperimentBusy(_busy_message(busy))
+        _check_scenario_order(sandbox, experiment)
         try:
             value = experiment.prediction.validate(prediction)
         except ValueError as exc:
@@ -396,6 +435,19 @@ def judge(
         "answer": experiment.prediction.show(answer),
     }
     return Verdict(answer, correct, safe_format(check.template(answer), values))
+
+
+def _check_scenario_order(sandbox: Sandbox, experiment: Experiment) -> None:
+    """A scenario's stage waits until every stage before it was run and checked here."""
+    pattern = load_pattern(sandbox.pattern)
+    stages = scenario_stages(sandbox=sandbox, pattern=pattern)
+    for stage in stages:
+        if stage.experiment.id == experiment.id:
+            return
+        if stage.run is None:
+            raise ScenarioOrder(
+                OUT_OF_ORDER.format(number=stage.number, title=stage.experiment.title)
+            )
 
 
 def run_timeline(run: ExperimentRun, experiment: Experiment) -> Timeline:

@@ -293,7 +293,9 @@ def _share_by_node(
 
 
 def _series_label(params: Mapping[str, Any]) -> str:
-    link, series = params.get("link"), params.get("series")
+    link, series, node = params.get("link"), params.get("series"), params.get("node")
+    if node:
+        return f"reaching {node}"
     if series:
         return f"of the {series} calls"
     return f"on {link.replace('>', ' → ')}" if link else "users saw"
@@ -315,8 +317,12 @@ def _phase_stats_outputs(params: Mapping[str, Any]) -> dict[str, Output]:
 
 
 def _series(
-    point: Mapping[str, Any], link: str | None, series: str | None = None
+    point: Mapping[str, Any], link: str | None, series: str | None = None, node: str | None = None
 ) -> Mapping[str, Any]:
+    if node:  # the requests a node received, as the lab shows its figures
+        nodes = point.get("nodes")
+        entry = nodes.get(node) if isinstance(nodes, Mapping) else None
+        return entry if isinstance(entry, Mapping) else {}
     if not link and not series:
         return _totals(point)
     entries = point.get("series" if series else "links")
@@ -328,9 +334,10 @@ def _phase_stats(
     history: Sequence[Mapping[str, Any]], timeline: Timeline, params: Mapping[str, Any]
 ) -> dict[str, float]:
     """Per phase (a step): the rate, errors and latency (p50, p99) of what users saw, of
-    one link's calls (``link: src>dst``) or of one declared series (``series: id``). Skips
-    each phase's first ``skip_s`` seconds and counts whole seconds only."""
-    link, series_id = params.get("link"), params.get("series")
+    one link's calls (``link: src>dst``), of one declared series (``series: id``) or of the
+    requests one node received (``node``: those a fault answered too). Skips each phase's
+    first ``skip_s`` seconds and counts whole seconds only."""
+    link, series_id, node = params.get("link"), params.get("series"), params.get("node")
     skip = float(params.get("skip_s", 1.0))
     out: dict[str, float] = {}
     for phase, step in params["phases"].items():
@@ -338,7 +345,7 @@ def _phase_stats(
         if math.floor(end) - math.ceil(start + skip) < 1:
             raise MeasureError(PHASE_TOO_SHORT.format(window=step, skip=skip))
         points = points_between(history, start + skip, end, whole=True)
-        series = [_series(p, link, series_id) for p in points]
+        series = [_series(p, link, series_id, node) for p in points]
         calls = sum(_count(entry) for entry in series)
         errors = sum(int(entry.get("errors") or 0) for entry in series)
         if calls == 0:
@@ -527,6 +534,7 @@ MEASURES: dict[str, Measure] = {
                 "phases": Param("phases", help="phase name → step id"),
                 "link": Param("link", required=False, help="a link's calls (src>dst)"),
                 "series": Param("series", required=False, help="a declared series' calls (id)"),
+                "node": Param("node", required=False, help="the requests a node received"),
                 "skip_s": Param(
                     "number", required=False, default=1.0, low=0, high=60, help="settling time"
                 ),

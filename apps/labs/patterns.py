@@ -269,6 +269,7 @@ class GaugeDef:
     label: str
     unit: str
     nodes: tuple[str, ...]  # node names or roles that report it
+    graph: bool = True  # shown under its node on the graph (always charted and listed)
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,8 @@ class Observe:
     gauges: tuple[GaugeDef, ...] = ()
     states: tuple[StateDef, ...] = ()
     tables: tuple[TableDef, ...] = ()
+    traces: str = ""  # the node whose ``trace`` lines are the lab's traces (a collector)
+    logs: str = ""  # the node whose ``logs`` lines are the lab's central log
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for the aggregator and the browser (JSON-serialisable)."""
@@ -313,7 +316,7 @@ class Observe:
                 for m in self.marks
             ],
             "gauges": [
-                {"id": g.id, "label": g.label, "unit": g.unit, "nodes": g.nodes}
+                {"id": g.id, "label": g.label, "unit": g.unit, "nodes": g.nodes, "graph": g.graph}
                 for g in self.gauges
             ],
             "states": [
@@ -329,6 +332,8 @@ class Observe:
                 }
                 for t in self.tables
             ],
+            "traces": self.traces,
+            "logs": self.logs,
         }
 
 
@@ -602,6 +607,17 @@ class ConcreteNode(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Scenario:
+    """A scripted sequence of the pattern's experiments (``scenario`` in the spec): the
+    learner predicts each before its faults are injected, in order, and is scored on the
+    predictions their own telemetry confirmed."""
+
+    title: str
+    intro: str
+    experiments: tuple[str, ...]  # experiment ids, in order
+
+
+@dataclass(frozen=True)
 class Pattern:
     id: str
     title: str
@@ -618,6 +634,7 @@ class Pattern:
     observe: Observe = Observe()
     experiments: tuple[Experiment, ...] = ()
     series: tuple[Series, ...] = ()
+    scenario: Scenario | None = None
     _by_instance_role: Mapping[str, NodeDef] = field(default_factory=dict, repr=False)
 
     def expand(self, count_overrides: Mapping[str, int] | None = None) -> list[ConcreteNode]:
@@ -980,6 +997,7 @@ class _Spec:
                 "faults",
                 "controls",
                 "experiments",
+                "scenario",
             ],
         )
         title = self.text(top, "title", "title")
@@ -1017,7 +1035,26 @@ class _Spec:
         )
         if "experiments" in top:
             pattern = dataclasses.replace(pattern, experiments=self.experiments(top, pattern))
+        if "scenario" in top:
+            pattern = dataclasses.replace(pattern, scenario=self.scenario(top, pattern))
         return pattern
+
+    def scenario(self, top: _Map, pattern: Pattern) -> Scenario:
+        m = self.mapping(top, "scenario", "scenario")
+        self.keys(m, "scenario", ["title", "experiments"], ["intro"])
+        ids = self.ids(m, "experiments", "scenario.experiments", EXPERIMENT_ID_RE)
+        known = {e.id for e in pattern.experiments}
+        for id_ in ids:
+            if id_ not in known:
+                message = f"scenario.experiments: no experiment {id_!r} (there are: "
+                self.fail(self.line(m, "experiments"), message + ", ".join(sorted(known)) + ")")
+        if len(ids) < 2 or len(set(ids)) != len(ids):
+            self.fail(
+                self.line(m, "experiments"),
+                "scenario.experiments: two or more experiments, each once",
+            )
+        intro = " ".join(self.text(m, "intro", "scenario.intro").split()) if "intro" in m else ""
+        return Scenario(self.text(m, "title", "scenario.title").strip(), intro, tuple(ids))
 
     def nodes(self, top: _Map, folder: Path) -> tuple[NodeDef, ...]:
         seq = self.sequence(top, "nodes", "nodes")
@@ -1139,6 +1176,14 @@ class _Spec:
                 self.fail(m.line, f"{where}: the same link is listed twice")
             out.append(link)
         return tuple(out)
+
+    def flag(self, m: _Map, key: str, where: str, default: bool) -> bool:
+        if key not in m:
+            return default
+        value = m[key]
+        if not isinstance(value, bool):
+            self.fail(self.line(m, key), f"{where}: must be true or false, got {value!r}")
+        return bool(value)
 
     def choice(self, m: _Map, key: str, where: str, allowed: Sequence[str], default: str) -> str:
         if key not in m:
@@ -1305,7 +1350,9 @@ class _Spec:
 
     def observe(self, top: _Map, by_name: Mapping[str, NodeDef]) -> Observe:
         m = self.mapping(top, "observe", "observe")
-        self.keys(m, "observe", [], ["events", "marks", "gauges", "states", "tables"])
+        self.keys(
+            m, "observe", [], ["events", "marks", "gauges", "states", "tables", "traces", "logs"]
+        )
         ids: dict[str, int] = {}  # gauges, states and tables share one name space
 
         def entries(key: str, required: list[str], optional: list[str]) -> list[tuple[_Map, str]]:
@@ -1358,7 +1405,7 @@ class _Spec:
                     )
             marks.append(MarkDef(id_, self.label(item, where, id_), set_by, cleared_by))
         gauges: list[GaugeDef] = []
-        for item, where in entries("gauges", ["id", "nodes"], ["label", "unit"]):
+        for item, where in entries("gauges", ["id", "nodes"], ["label", "unit", "graph"]):
             id_ = new_id(item, where, ids)
             if id_ == "in_flight":
                 self.fail(
@@ -1366,7 +1413,8 @@ class _Spec:
                 )
             unit = self.text(item, "unit", f"{where}.unit") if "unit" in item else ""
             nodes = self.node_refs(item, "nodes", f"{where}.nodes", by_name)
-            gauges.append(GaugeDef(id_, self.label(item, where, id_), unit, nodes))
+            graph = self.flag(item, "graph", f"{where}.graph", default=True)
+            gauges.append(GaugeDef(id_, self.label(item, where, id_), unit, nodes, graph))
         states: list[StateDef] = []
         for item, where in entries("states", ["id", "values", "nodes"], ["label"]):
             id_ = new_id(item, where, ids)
@@ -1393,7 +1441,15 @@ class _Spec:
             if not 1 <= len(columns) <= MAX_TABLE_COLUMNS:
                 self.fail(seq.line, f"{where}.columns: from 1 to {MAX_TABLE_COLUMNS} columns")
             tables.append(TableDef(id_, self.label(item, where, id_), node, tuple(columns)))
-        return Observe(tuple(events), tuple(marks), tuple(gauges), tuple(states), tuple(tables))
+        sources = {}
+        for key in ("traces", "logs"):
+            if key in m:
+                item = self.mapping(m, key, f"observe.{key}")
+                self.keys(item, f"observe.{key}", ["node"], [])
+                sources[key] = self.single(item, "node", f"observe.{key}.node", by_name)
+        return Observe(
+            tuple(events), tuple(marks), tuple(gauges), tuple(states), tuple(tables), **sources
+        )
 
     def faults(self, top: _Map) -> tuple[str, ...]:
         seq = self.sequence(top, "faults", "faults")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
@@ -15,13 +16,23 @@ from apps.accounts.models import User
 from apps.labs.models import ACTIVE_STATES, ExperimentRun, Sandbox
 
 SANDBOX_NOT_FOUND = "No such sandbox."
-NOT_YOURS_TO_CONTROL = "You may watch this sandbox, but only its owner may change it."
+NOT_YOURS_TO_CONTROL = (
+    "You may watch this sandbox, but only its owner (or, with their consent, their "
+    "instructors) may change it."
+)
 log = logging.getLogger(__name__)
 
 
 def sandbox_can_view(*, user: User, sandbox: Sandbox) -> bool:
-    """The owner; staff (until classrooms exist, then the owner's instructors)."""
-    return bool(user.is_authenticated and (sandbox.owner_id == user.pk or user.is_staff))
+    """The owner; staff; an instructor of a classroom the owner is in (to watch, not act:
+    see ``sandbox_can_control``)."""
+    if not user.is_authenticated:
+        return False
+    if sandbox.owner_id == user.pk or user.is_staff:
+        return True
+    from apps.classrooms.selectors import learner_is_taught_by
+
+    return learner_is_taught_by(learner_id=sandbox.owner_id, instructor=user)
 
 
 def sandbox_get_for_user(*, user: User, sandbox_id: str | uuid.UUID) -> Sandbox:
@@ -39,13 +50,17 @@ def sandbox_get_for_user(*, user: User, sandbox_id: str | uuid.UUID) -> Sandbox:
 
 
 def sandbox_can_control(*, user: User, sandbox: Sandbox) -> bool:
-    """Faults, controls, stop and extend: the owner, or someone given the permission to
-    control any sandbox (``labs.control_any_sandbox``; superusers have it). Staff may
-    watch without it, not act."""
-    return bool(
-        user.is_authenticated
-        and (sandbox.owner_id == user.pk or user.has_perm("labs.control_any_sandbox"))
-    )
+    """Faults, controls, stop and extend: the owner; someone given the permission to
+    control any sandbox (``labs.control_any_sandbox``; superusers have it); an instructor
+    of a classroom in which the owner lets instructors act (``Membership``'s
+    ``instructors_may_act``, on by default). Staff may watch without these, not act."""
+    if not user.is_authenticated:
+        return False
+    if sandbox.owner_id == user.pk or user.has_perm("labs.control_any_sandbox"):
+        return True
+    from apps.classrooms.selectors import learner_is_taught_by
+
+    return learner_is_taught_by(learner_id=sandbox.owner_id, instructor=user, to_act=True)
 
 
 def sandbox_get_for_control(*, user: User, sandbox_id: str | uuid.UUID) -> Sandbox:
@@ -114,23 +129,55 @@ def experiment_progress_for_user(
 ) -> dict[str, tuple[int, int]]:
     """Per pattern: how many of its experiments the user has a checked result for, out
     of how many it has (patterns that do not load have none)."""
+    results = experiment_results_for_users(user_ids=[user.pk], patterns=patterns)
+    return {p: (len(r.checked), r.available) for p, r in results.get(user.pk, {}).items()}
+
+
+@dataclass(frozen=True)
+class ExperimentResults:
+    """One user's results for one pattern's experiments: the ids they ran to a checked
+    result, the ids they predicted right at least once, and how many the pattern has."""
+
+    checked: frozenset[str]
+    right: frozenset[str]
+    available: int
+
+
+def experiment_results_for_users(
+    *, user_ids: Iterable[int], patterns: Iterable[str]
+) -> dict[int, dict[str, ExperimentResults]]:
+    """For many users at once (a classroom): user id → pattern → results, in one query.
+    Experiments a pattern no longer has are not counted."""
     from apps.labs.patterns import PatternError, load_pattern
 
     wanted = set(patterns)
-    checked: dict[str, set[str]] = {}
-    for pattern, experiment in (
-        ExperimentRun.objects.filter(
-            user=user, pattern__in=wanted, state=ExperimentRun.State.CHECKED
-        )
-        .values_list("pattern", "experiment")
-        .distinct()
-    ):
-        checked.setdefault(pattern, set()).add(experiment)
-    progress: dict[str, tuple[int, int]] = {}
+    users = list(user_ids)
+    ids: dict[str, set[str]] = {}
     for pattern in wanted:
         try:
-            ids = {e.id for e in load_pattern(pattern).experiments}
+            ids[pattern] = {e.id for e in load_pattern(pattern).experiments}
         except PatternError:
-            ids = set()
-        progress[pattern] = (len(ids & checked.get(pattern, set())), len(ids))
-    return progress
+            ids[pattern] = set()
+    checked: dict[tuple[int, str], set[str]] = {}
+    right: dict[tuple[int, str], set[str]] = {}
+    for user_id, pattern, experiment, correct in (
+        ExperimentRun.objects.filter(
+            user_id__in=users, pattern__in=wanted, state=ExperimentRun.State.CHECKED
+        )
+        .values_list("user_id", "pattern", "experiment", "correct")
+        .distinct()
+    ):
+        checked.setdefault((user_id, pattern), set()).add(experiment)
+        if correct:
+            right.setdefault((user_id, pattern), set()).add(experiment)
+    return {
+        user_id: {
+            pattern: ExperimentResults(
+                checked=frozenset(ids[pattern] & checked.get((user_id, pattern), set())),
+                right=frozenset(ids[pattern] & right.get((user_id, pattern), set())),
+                available=len(ids[pattern]),
+            )
+            for pattern in wanted
+        }
+        for user_id in users
+    }

@@ -87,7 +87,14 @@ def _locked(sandbox_id: uuid.UUID | str) -> Sandbox:
 
 
 def _quota_for(user: User) -> int:
-    return settings.SANDBOX_PER_INSTRUCTOR if user.is_instructor else settings.SANDBOX_PER_LEARNER
+    """Instructors: SANDBOX_PER_INSTRUCTOR. Learners: the largest quota set by a classroom
+    they are in, else SANDBOX_PER_LEARNER."""
+    if user.is_instructor:
+        return int(settings.SANDBOX_PER_INSTRUCTOR)
+    from apps.classrooms.selectors import sandbox_quota_for_learner
+
+    quota = sandbox_quota_for_learner(user=user)
+    return int(settings.SANDBOX_PER_LEARNER) if quota is None else quota
 
 
 def _minutes_until_one_frees() -> int:
@@ -232,6 +239,13 @@ def sandbox_start(*, sandbox_id: str) -> Sandbox:
             launch_seconds=round(time.monotonic() - started, 3),
             stage="",
         )
+    log.info(
+        "sandbox %s (%s, %s) running after %.1f s",
+        sandbox.hex[:8],
+        sandbox.pattern,
+        sandbox.owner.get_username(),
+        sandbox.launch_seconds or 0,
+    )
     return sandbox
 
 
@@ -331,6 +345,7 @@ def sandbox_teardown(*, sandbox_id: str) -> Sandbox:
         sandbox.faults.filter(reverted_at__isnull=True).update(reverted_at=now)
         final = Sandbox.State.EXPIRED if sandbox.stop_reason == "expired" else Sandbox.State.STOPPED
         sandbox_transition(sandbox=sandbox, to=final, ended_at=now)
+    log.info("sandbox %s (%s) %s: %s", sandbox.hex[:8], sandbox.pattern, final, sandbox.stop_reason)
     return sandbox
 
 
@@ -347,6 +362,19 @@ def sandbox_extend(*, sandbox: Sandbox) -> Sandbox:
         sandbox.expires_at = min(wanted, limit)
         sandbox.save(update_fields=["expires_at"])
     return sandbox
+
+
+def sandbox_tell(
+    *, sandbox: Sandbox, text: str, kind: str = "notice", node: str = "", severity: str = "warning"
+) -> None:
+    """An event in the sandbox's live log that the platform writes itself (a class drill,
+    an instructor's action), sent to whoever watches it now."""
+    from apps.labs.supervisor import group_name
+    from config import layer
+
+    event = {"type": "event", "v": 1, "ts": time.time(), "node": node, "kind": kind,
+             "severity": severity, "text": text}  # fmt: skip
+    layer.group_send(group_name(sandbox.hex), {"type": "sandbox.event", "data": event})
 
 
 def sandbox_touch(*, sandbox: Sandbox) -> None:
@@ -453,7 +481,9 @@ FAULT_PARAMS: dict[str, dict[str, tuple[type, float, float, float]]] = {
 RUNTIME_FAULTS = frozenset({"latency", "errors", "drop"})
 
 
-def _fault_params(kind: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+def fault_params(kind: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A fault's parameters checked against ``FAULT_PARAMS``, defaults filled in; or
+    SandboxError saying what is wrong."""
     rules = FAULT_PARAMS[kind]
     params: dict[str, Any] = {}
     for name in raw:
@@ -511,7 +541,7 @@ def fault_inject(
         seconds = DEFAULT_FAULT_SECONDS if duration is None else duration
         if not isinstance(seconds, int) or not 1 <= seconds <= MAX_FAULT_SECONDS:
             raise SandboxError(BAD_DURATION.format(max=MAX_FAULT_SECONDS))
-    clean = _fault_params(kind, params or {})
+    clean = fault_params(kind, params or {})
 
     engine = get_engine()
     state = next((s.state for s in engine.status(sandbox.hex) if s.name == node.name), "missing")

@@ -56,6 +56,13 @@ def snapshot_cache_key(sandbox_id: str) -> str:
     return f"labs:snapshot:{sandbox_id}"
 
 
+def inspect_cache_key(sandbox_id: str) -> str:
+    """Where the collector's traces and log lines are (``Aggregator.inspect``), for a
+    pattern that declares ``observe.traces`` or ``observe.logs``: apart from the snapshot,
+    which every viewer gets when it connects."""
+    return f"labs:inspect:{sandbox_id}"
+
+
 def layer_message(kind: str, data: dict[str, Any]) -> dict[str, Any]:
     """The channel-layer message for a frame or an event: ``data``, and ``text``, its JSON
     encoded once here for every viewer (each consumer forwards it as it is)."""
@@ -267,7 +274,7 @@ class Supervisor:
             Sandbox.objects.filter(pk=sandbox_id).values_list("state", flat=True).first() or "gone"
         )
         self._send_events(sandbox_id, [watched.aggregator.ended(now=time.time(), state=state)])
-        cache.delete(snapshot_cache_key(sandbox_id))
+        cache.delete_many([snapshot_cache_key(sandbox_id), inspect_cache_key(sandbox_id)])
         log.info("stopped supervising sandbox %s (%s)", sandbox_id, state)
 
     # --- publishing --------------------------------------------------------------------
@@ -354,5 +361,11 @@ class Supervisor:
                 item.aggregator.snapshot(now),
                 timeout=SNAPSHOT_TTL,
             )
+            if item.aggregator.inspects:
+                cache.set(
+                    inspect_cache_key(item.sandbox_id),
+                    item.aggregator.inspect(),
+                    timeout=SNAPSHOT_TTL,
+                )
         except Exception:
             log.exception("storing the snapshot of %s failed", item.sandbox_id)

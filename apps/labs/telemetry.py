@@ -15,8 +15,8 @@ Wire formats (version 1; add fields freely, change meanings only with ``v: 2``):
                       "states": {id: value}}},       # likewise
      "links": {"src>dst": {"src", "dst", "rps", "error_pct", "p50_ms", "p99_ms",
                            "probe_rps", "probe_error_pct"}},
-     "sample": [{"src", "dst", "status", "ms", "ts"}, …],   # ≤ 40 calls since last frame
-     "totals": {"rps", "error_pct", "p50_ms", "p99_ms"},
+     "sample": [{"src", "dst", "status", "ms", "ts", "trace"?}, …],   # ≤ 40 recent calls
+     "totals": {"rps", "error_pct", "p50_ms", "p99_ms", "slow_trace"?},
      "series": {id: {"rps", "error_pct", "p50_ms", "p99_ms"}},   # the spec's ``series``
      "faults": [{"node", "kind"}, …],
      "tables": [{"id", "node", "rows": [{column id: value}, …]}, …]}
@@ -29,6 +29,9 @@ Wire formats (version 1; add fields freely, change meanings only with ``v: 2``):
   ``call`` lines; a series' from the ``call`` lines its node (or role) wrote on its
   route. Calls on a probe link's route count only as that link's ``probe_*``.
   An error is status 0 (no answer) or ≥ 400. Latencies are null when nothing was seen.
+  A call that carried a W3C trace (a ``trace`` on its line) has it in the sample, and
+  every figure set (node, link, totals, series, history point) has ``slow_trace``: the
+  trace id of its slowest traced request, when one was traced.
   ``in_flight`` is what the node reports as its ``in_flight`` gauge when it does, else the
   time-averaged concurrency of the window's requests (Little's law). Totals are what
   users saw: the user nodes' calls (every node's requests when the pattern names none).
@@ -80,6 +83,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -102,6 +106,11 @@ MAX_CELL_CHARS = 80
 MAX_TEXT_FIELD_CHARS = 200
 MAX_RECORDS = 50_000  # about 10 s of a busy sandbox (200 requests/s through 5 hops: 5,000/s)
 MAX_FRESH_CALLS = 2_000  # calls kept between two frames, to sample the moving dots from
+MAX_TRACES = 200  # the newest traces a collector reported, for the lab's trace list
+MAX_SPANS = 40  # per trace
+MAX_LOG_LINES = 2_000  # the newest lines of the central log
+MAX_LOGS_PER_LINE = 200
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Record(NamedTuple):
@@ -114,6 +123,7 @@ class Record(NamedTuple):
     ms: float
     probe: bool
     route: str = ""
+    trace: str = ""  # the W3C trace id the request carried, if any
 
 
 @dataclass(frozen=True)
@@ -160,15 +170,27 @@ def percentile(sorted_ms: Sequence[float], q: float) -> float | None:
     return round(sorted_ms[max(0, math.ceil(q * len(sorted_ms)) - 1)], 2)
 
 
+TRACE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _trace_id(value: Any) -> str:
+    """A line's ``trace``: a W3C trace id (32 lowercase hex digits), else nothing."""
+    return value if isinstance(value, str) and TRACE_ID_RE.match(value) else ""
+
+
 def stats(records: Sequence[Record], seconds: float) -> dict[str, Any]:
     ms = sorted(r.ms for r in records)
     errors = sum(1 for r in records if is_error(r.status))
-    return {
+    out: dict[str, Any] = {
         "rps": round(len(records) / seconds, 2),
         "error_pct": round(100.0 * errors / len(records), 2) if records else 0.0,
         "p50_ms": percentile(ms, 0.50),
         "p99_ms": percentile(ms, 0.99),
     }
+    traced = [r for r in records if r.trace]
+    if traced:  # the slowest request that carried a trace: a click on a p99 point opens it
+        out["slow_trace"] = max(traced, key=lambda r: r.ms).trace
+    return out
 
 
 LATENCY_BUCKETS_PER_DECADE = 40
@@ -321,6 +343,12 @@ class Aggregator:
         self._runtime_faults: dict[str, dict[str, Any]] = {}  # node → kind → params
         self._platform_faults: dict[str, dict[str, Any]] = {}
         self._links: set[tuple[str, str]] = set()
+        # The pattern's collector: whole traces and the central log (``observe.traces``,
+        # ``observe.logs``), kept apart from the snapshot (``inspect``).
+        self._trace_node = str(observe.get("traces") or "")
+        self._log_node = str(observe.get("logs") or "")
+        self._traces: deque[dict[str, Any]] = deque(maxlen=MAX_TRACES)
+        self._logs: deque[dict[str, Any]] = deque(maxlen=MAX_LOG_LINES)
 
     # --- input -------------------------------------------------------------------------
 
@@ -351,6 +379,7 @@ class Aggregator:
                     ms=float(line.get("ms", 0.0)),
                     probe=False,
                     route=str(line.get("route") or "")[:MAX_CELL_CHARS],
+                    trace=_trace_id(line.get("trace")),
                 )
             except (TypeError, ValueError):
                 return []
@@ -367,6 +396,18 @@ class Aggregator:
             return []
         if kind == "table":
             self._table_line(node, line.get("table"), line.get("rows"))
+            return []
+        if kind == "trace" and node == self._trace_node:
+            trace = clean_trace(line)
+            if trace is not None:
+                self._traces.append(trace)
+            return []
+        if kind == "logs" and node == self._log_node:
+            lines = line.get("lines")
+            for entry in lines[:MAX_LOGS_PER_LINE] if isinstance(lines, list) else ():
+                cleaned = clean_log(entry)
+                if cleaned is not None:
+                    self._logs.append(cleaned)
             return []
         if kind != "state":
             return []
@@ -737,6 +778,7 @@ class Aggregator:
             fresh = [fresh[int(i * step)] for i in range(self.sample_size)]
         return [
             {"src": r.src, "dst": r.dst, "status": r.status, "ms": round(r.ms, 2), "ts": r.ts}
+            | ({"trace": r.trace} if r.trace else {})
             for r in sorted(fresh, key=lambda r: r.ts)
         ]
 
@@ -806,6 +848,15 @@ class Aggregator:
                 "undeclared": dict(self._undeclared),
             }
 
+    def inspect(self) -> dict[str, Any]:
+        """The collector's traces and log lines, newest last (``inspect_cache_key``)."""
+        with self._lock:
+            return {"traces": list(self._traces), "logs": list(self._logs)}
+
+    @property
+    def inspects(self) -> bool:
+        return bool(self._trace_node or self._log_node)
+
     def resume(self, snapshot: Mapping[str, Any]) -> None:
         """Continue from a snapshot a previous supervisor stored: keep its history and
         events, and do not announce again what it had already announced."""
@@ -817,6 +868,71 @@ class Aggregator:
             events = [e for e in snapshot.get("events", []) if isinstance(e, dict)]
             self._events.extend(events)
             self._event_horizon = max((float(e.get("ts", 0)) for e in events), default=0.0)
+
+
+def _text(value: Any, limit: int = MAX_TEXT_FIELD_CHARS) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def clean_trace(line: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A ``trace`` line as the lab shows it, or None: ids and names as short strings,
+    times as finite numbers, at most ``MAX_SPANS`` spans (a node's output is untrusted)."""
+    trace_id = _text(line.get("trace_id"), 64)
+    started, ms = _number(line.get("started")), _number(line.get("ms"))
+    spans_in = line.get("spans")
+    if not trace_id or started is None or ms is None or not isinstance(spans_in, list):
+        return None
+    spans = []
+    for raw in spans_in[:MAX_SPANS]:
+        if not isinstance(raw, Mapping):
+            continue
+        start, span_ms = _number(raw.get("start")), _number(raw.get("ms"))
+        if start is None or span_ms is None:
+            continue
+        spans.append(
+            {
+                "span_id": _text(raw.get("span_id"), 32),
+                "parent_id": _text(raw.get("parent_id"), 32),
+                "service": _text(raw.get("service"), MAX_CELL_CHARS),
+                "name": _text(raw.get("name"), MAX_CELL_CHARS),
+                "kind": _text(raw.get("kind"), 16),
+                "offset_ms": round(max(0.0, (start - started) * 1000), 2),
+                "ms": round(max(0.0, span_ms), 2),
+                "status": "error" if raw.get("status") == "error" else "ok",
+            }
+        )
+    if not spans:
+        return None
+    return {
+        "trace_id": trace_id,
+        "root": _text(line.get("root"), MAX_CELL_CHARS),
+        "service": _text(line.get("service"), MAX_CELL_CHARS),
+        "started": started,
+        "ms": round(max(0.0, ms), 2),
+        "status": "error" if line.get("status") == "error" else "ok",
+        "spans": spans,
+    }
+
+
+def clean_log(entry: Any) -> dict[str, Any] | None:
+    """One line of the central log, or None."""
+    if not isinstance(entry, Mapping) or _number(entry.get("ts")) is None:
+        return None
+    level = entry.get("level")
+    return {
+        "ts": _number(entry.get("ts")),
+        "service": _text(entry.get("service"), MAX_CELL_CHARS),
+        "level": level if level in LOG_LEVELS else "info",
+        "msg": _text(entry.get("msg")),
+        "trace_id": _text(entry.get("trace_id"), 64),
+        "span_id": _text(entry.get("span_id"), 32),
+    }
 
 
 def _status_change(old: str | None, new: str) -> str | None:

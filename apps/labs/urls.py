@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from apps.labs import experiment_views, views
+from apps.labs import experiment_views, inspect_views, views
 
 app_name = "labs"
 
@@ -34,4 +34,11 @@ urlpatterns += [
         experiment_views.experiment_start,
         name="experiment_start",
     ),
+]
+
+# Traces and the central log, for patterns with a collector (apps/labs/inspect_views.py).
+urlpatterns += [
+    path("<str:sandbox_id>/traces/", inspect_views.sandbox_traces, name="traces"),
+    path("<str:sandbox_id>/traces/<str:trace_id>/", inspect_views.sandbox_trace, name="trace"),
+    path("<str:sandbox_id>/logs/", inspect_views.sandbox_logs, name="logs"),
 ]

@@ -11,6 +11,7 @@ from django.views.decorators.http import require_http_methods, require_POST, req
 from django_htmx.http import reswap, retarget
 from pygments.lexers import PythonLexer
 
+from apps.accounts import throttle
 from apps.accounts.http import AuthedHttpRequest
 from apps.courses.content import highlight_code
 from apps.labs import selectors, services
@@ -22,6 +23,11 @@ PANEL = "labs/sandbox.html#panel"
 STATUS = "labs/sandbox.html#status"
 FAULTS = "labs/sandbox.html#faults"
 CONTROLS = "labs/sandbox.html#controls"
+LAUNCHING_TOO_FAST = "You launched {n} times in the last minute: wait a moment, then launch again."
+FAULTING_TOO_FAST = (
+    "You injected {n} faults in the last minute: wait a moment, then try again "
+    "(and watch what the last ones did)."
+)
 REVERT_FAILED = (
     "The fault could not be ended just now ({error}). It stays listed as active and is "
     "retried within a minute."
@@ -54,6 +60,8 @@ def panel_context(
     context: dict[str, Any] = {
         "pattern": pattern,
         "sandbox": sandbox,
+        "watching": sandbox is not None and sandbox.owner_id != user.pk,
+        "may_control": sandbox is None or selectors.sandbox_can_control(user=user, sandbox=sandbox),
         "nodes": nodes,
         "isolated": isolated,
         "engine_error": engine_error,
@@ -163,7 +171,11 @@ def controls_context(sandbox: Sandbox, spec: Pattern | None = None) -> dict[str,
 def sandbox_launch(request: AuthedHttpRequest, pattern: str) -> HttpResponse:
     message = ""
     sandbox = None
+    limit = throttle.launches()
     try:
+        if limit.exceeded(str(request.user.pk)):
+            raise services.SandboxError(LAUNCHING_TOO_FAST.format(n=limit.count))
+        limit.hit(str(request.user.pk))
         sandbox = services.sandbox_launch(user=request.user, pattern_id=pattern)
     except services.SandboxError as exc:
         message = str(exc)
@@ -187,6 +199,7 @@ def sandbox_detail(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
 @login_required
 def sandbox_stop(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
     sandbox = selectors.sandbox_get_for_control(user=request.user, sandbox_id=sandbox_id)
+    _tell_owner(request, sandbox, "stopped this sandbox")
     sandbox = services.sandbox_stop(sandbox=sandbox)
     if not request.htmx:
         return redirect("labs:sandbox", sandbox_id=sandbox.hex)
@@ -223,7 +236,24 @@ def _ended_panel(request: AuthedHttpRequest, sandbox: Sandbox) -> HttpResponse:
 
 
 def _running_sandbox(request: AuthedHttpRequest, sandbox_id: str) -> Sandbox:
-    return selectors.sandbox_get_for_control(user=request.user, sandbox_id=sandbox_id)
+    """The sandbox a panel acts on: to change it (POST), its owner (or who may control
+    any); to read it (GET: the panel's refresh), whoever may watch it."""
+    if request.method == "POST":
+        return selectors.sandbox_get_for_control(user=request.user, sandbox_id=sandbox_id)
+    return selectors.sandbox_get_for_user(user=request.user, sandbox_id=sandbox_id)
+
+
+def _tell_owner(request: AuthedHttpRequest, sandbox: Sandbox, did: str, node: str = "") -> None:
+    """Someone other than the owner acted (an instructor, with the learner's consent): the
+    owner's event log says who and what."""
+    if sandbox.owner_id != request.user.pk:
+        who = request.user.get_full_name() or request.user.username
+        text = f"{who} (not you: {request.user.username}) {did}."
+        services.sandbox_tell(sandbox=sandbox, text=text, kind="acted", node=node)
+
+
+def _may_control(request: AuthedHttpRequest, sandbox: Sandbox) -> bool:
+    return selectors.sandbox_can_control(user=request.user, sandbox=sandbox)
 
 
 def _number(raw: str | None, name: str) -> float:
@@ -265,16 +295,26 @@ def sandbox_faults(request: AuthedHttpRequest, sandbox_id: str) -> HttpResponse:
     source = request.POST if request.method == "POST" else request.GET
     form = {k: source[k] for k in ("node", "kind", "duration") if k in source}
     if request.method == "POST":
+        limit = throttle.fault_injections()
         try:
+            if limit.exceeded(str(request.user.pk)):
+                raise services.SandboxError(FAULTING_TOO_FAST.format(n=limit.count))
+            limit.hit(str(request.user.pk))
             fault = services.fault_inject(
                 sandbox=sandbox, user=request.user, **_fault_request(request.POST)
             )
             notice = f"{fault.get_kind_display()} on {fault.node.name}."
+            _tell_owner(request, sandbox, f"injected {notice[:-1].lower()}", fault.node.name)
         except (services.SandboxError, EngineError) as exc:
             message = str(exc)
     if sandbox.state != Sandbox.State.RUNNING:
         return _ended_panel(request, sandbox)
-    context = {"sandbox": sandbox, "fault_message": message, "fault_notice": notice}
+    context = {
+        "sandbox": sandbox,
+        "may_control": _may_control(request, sandbox),
+        "fault_message": message,
+        "fault_notice": notice,
+    }
     context.update(faults_context(sandbox, form=form))
     return render(request, FAULTS, context, status=400 if message else 200)
 
@@ -291,11 +331,25 @@ def sandbox_fault_revert(
         raise Http404("No such fault in this sandbox.")
     try:
         services.fault_revert(fault_id=fault.pk)
+        _tell_owner(
+            request,
+            sandbox,
+            f"reverted {fault.get_kind_display().lower()} on {fault.node.name}",
+            fault.node.name,
+        )
     except EngineError as exc:
-        context = {"sandbox": sandbox, "fault_message": REVERT_FAILED.format(error=exc)}
+        context = {
+            "sandbox": sandbox,
+            "may_control": _may_control(request, sandbox),
+            "fault_message": REVERT_FAILED.format(error=exc),
+        }
         context.update(faults_context(sandbox))
         return render(request, FAULTS, context, status=503)
-    context = {"sandbox": sandbox, "fault_notice": f"{fault.get_kind_display()} reverted."}
+    context = {
+        "sandbox": sandbox,
+        "may_control": _may_control(request, sandbox),
+        "fault_notice": f"{fault.get_kind_display()} reverted.",
+    }
     context.update(faults_context(sandbox))
     return render(request, FAULTS, context)
 
@@ -322,11 +376,18 @@ def sandbox_controls(request: AuthedHttpRequest, sandbox_id: str) -> HttpRespons
         if not message:
             try:
                 services.sandbox_control(sandbox=sandbox, control_id=control_id, value=value)
+                _tell_owner(
+                    request, sandbox, f"set {control.label if control else control_id} to {value}"
+                )
             except (services.SandboxError, EngineError, TimeoutError) as exc:
                 message = str(exc)
     if sandbox.state != Sandbox.State.RUNNING:
         return _ended_panel(request, sandbox)
-    context = {"sandbox": sandbox, "control_message": message}
+    context = {
+        "sandbox": sandbox,
+        "may_control": _may_control(request, sandbox),
+        "control_message": message,
+    }
     context.update(controls_context(sandbox))
     return render(request, CONTROLS, context, status=400 if message else 200)
 

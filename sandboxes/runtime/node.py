@@ -35,6 +35,7 @@ import asyncio
 import json
 import os
 import re
+import ssl
 import sys
 import time
 import traceback
@@ -59,6 +60,10 @@ FROM_HEADER = "X-Distlab-From"  # added to every call: the callee's telemetry na
 NODE_HEADER = "X-Distlab-Node"  # added to every response: who answered
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+# W3C Trace Context: ``traceparent`` on a request, ``traceresponse`` on its answer, both
+# ``<version>-<trace id>-<span id>-<flags>``. A call or request that carries one has the
+# trace id on its telemetry line, so the lab can open the trace of a request it shows.
+TRACE_HEADER_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 SHUTDOWN_GRACE_S = 1.5  # in-flight requests get this long to finish on SIGTERM
 DROP_POLL_S = 0.25  # how often a dropped request checks whether its caller gave up
 DROP_HOLD_MAX_S = 300.0  # a dropped request is hung up on after this long at most
@@ -114,6 +119,29 @@ def parse_peers(value: Any) -> list[Peer]:
     return peers
 
 
+def trace_id(*headers: Mapping[str, str] | None) -> str | None:
+    """The trace id of the first ``traceparent`` or ``traceresponse`` header found in
+    ``headers`` (a request's, then its answer's), or None."""
+    for found in headers:
+        for name, value in (found or {}).items():
+            if name.lower() in ("traceparent", "traceresponse"):
+                match = TRACE_HEADER_RE.match(value.strip())
+                if match and match[1] != "0" * 32:
+                    return match[1]
+    return None
+
+
+def tls_reason(exc: BaseException) -> str:
+    """What OpenSSL said about a failed handshake, in its own words: the verification
+    message (``certificate has expired``) or the alert the other side sent
+    (``sslv3 alert certificate revoked``)."""
+    for error in (getattr(exc, "certificate_error", None), getattr(exc, "os_error", None), exc):
+        message = getattr(error, "verify_message", None) or getattr(error, "reason", None)
+        if message:
+            return str(message).replace("_", " ").lower()
+    return "handshake failed"
+
+
 class CallError(Exception):
     """A call got no HTTP answer. ``reason`` says what the caller saw:
 
@@ -122,13 +150,16 @@ class CallError(Exception):
     - ``"disconnected"``: the peer closed the connection without answering,
     - ``"partitioned"``: a partition fault on this node cut the call at once,
     - ``"unknown-peer"``: the name is not in the address book,
+    - ``"tls"``: a TLS call whose handshake failed (``detail`` says why, as OpenSSL put
+      it: ``certificate has expired``, ``sslv3 alert certificate revoked``, …),
     - ``"error"``: anything else.
     """
 
-    def __init__(self, peer: str, reason: str) -> None:
-        super().__init__(f"call to {peer} failed: {reason}")
+    def __init__(self, peer: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"call to {peer} failed: {reason}" + (f" ({detail})" if detail else ""))
         self.peer = peer
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -178,6 +209,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._session: aiohttp.ClientSession | None = None
+        self._server_tls: ssl.SSLContext | None = None
         self._runner: web.AppRunner | None = None
         # What the program observes (the pattern's ``observe``): current values, and
         # which gauges and tables changed since they were last written.
@@ -232,6 +264,20 @@ class Node:
         self._status = provider
         return provider
 
+    def serve_tls(self, context: ssl.SSLContext) -> None:
+        """Serve HTTPS with ``context`` instead of plain HTTP (call it from setup). The
+        program may change the context while the node serves (load a renewed certificate,
+        set ``verify_mode``): each new connection's handshake uses it as it is then."""
+        self._server_tls = context
+
+    def peer_certificate(self, request: web.Request) -> dict[str, Any]:
+        """The certificate the caller presented on a TLS connection, as
+        ``ssl.SSLSocket.getpeercert()`` gives it (``subjectAltName``, ``serialNumber``,
+        ``notAfter``, …); empty when it presented none, or on plain HTTP."""
+        transport = request.transport
+        cert = transport.get_extra_info("peercert") if transport is not None else None
+        return cert if isinstance(cert, dict) else {}
+
     # ---- helpers for programs ----------------------------------------------------------
 
     @property
@@ -247,8 +293,11 @@ class Node:
         return web.json_response(data, status=status, headers=headers)
 
     def relay(self, reply: Reply, headers: Mapping[str, str] | None = None) -> web.Response:
-        """Answer with a peer's reply as it came (status, body, content type)."""
+        """Answer with a peer's reply as it came (status, body, content type, and the
+        W3C ``traceresponse`` that says which trace the request became)."""
         out = {"Content-Type": reply.headers.get("Content-Type", "application/octet-stream")}
+        if "traceresponse" in reply.headers:
+            out["traceresponse"] = reply.headers["traceresponse"]
         out.update(headers or {})
         return web.Response(body=reply.body, status=reply.status, headers=out)
 
@@ -355,11 +404,17 @@ class Node:
         json: Any = None,
         timeout: float = 2.0,
         route: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> Reply:
         """Call a peer by name; return its answer (any status) or raise CallError when
-        there is none. ``json`` is sent as the body. Emits one ``call`` event either way
-        (``route`` defaults to the path: give a template like ``/kv/{key}`` instead when
-        the path holds a key, so the telemetry groups the calls)."""
+        there is none. ``json`` is sent as the body, ``headers`` with the request (a
+        ``traceparent``, say). Emits one ``call`` event either way (``route`` defaults to
+        the path: give a template like ``/kv/{key}`` instead when the path holds a key, so
+        the telemetry groups the calls). With ``tls`` (a client
+        context) the call is HTTPS on a connection of its own: every such call makes a
+        full handshake, so a certificate that expired or was revoked fails the next call
+        (error ``tls``), never a connection kept from before."""
         started = time.monotonic()
         route = route or path
         fault: str | None = None
@@ -383,11 +438,15 @@ class Node:
                     if delay >= timeout:
                         raise CallError(peer, "timeout")
             remaining = timeout - (time.monotonic() - started)
-            reply = await self._http(peer, target.address, method, path, params, json, remaining)
+            reply = await self._http(
+                peer, target.address, method, path, params, json, remaining, headers, tls
+            )
         except CallError as exc:
-            self._record_call(peer, method, route, 0, started, exc.reason, fault)
+            trace = trace_id(headers)
+            self._record_call(peer, method, route, 0, started, exc.reason, fault, trace)
             raise
-        self._record_call(peer, method, route, reply.status, started, None, fault)
+        trace = trace_id(headers, reply.headers)
+        self._record_call(peer, method, route, reply.status, started, None, fault, trace)
         return reply
 
     async def _http(
@@ -399,23 +458,38 @@ class Node:
         params: Mapping[str, str] | None,
         body: Any,
         timeout: float,
+        extra_headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> Reply:
         if self._session is None:
             raise CallError(peer, "error")
+        headers = dict(extra_headers or {})
+        headers.update(self._from_header)
+        scheme, options = "http", dict[str, Any]()
+        if tls is not None:
+            scheme, options = "https", {"ssl": tls}
+            headers["Connection"] = "close"  # one handshake per call
         try:
             async with self._session.request(
                 method,
-                f"http://{address}{path}",
+                f"{scheme}://{address}{path}",
                 params=params,
                 json=body,
-                headers=self._from_header,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=max(timeout, 0.001)),
+                **options,
             ) as response:
                 body = await response.read()
                 return Reply(peer, response.status, response.headers, body)
         except TimeoutError:
             raise CallError(peer, "timeout") from None
-        except aiohttp.ClientConnectorError:
+        except aiohttp.ClientSSLError as exc:
+            raise CallError(peer, "tls", tls_reason(exc)) from None
+        except aiohttp.ClientConnectorError as exc:
+            if tls is not None and isinstance(exc.os_error, ConnectionResetError):
+                # Connected, then hung up on mid-handshake: how an asyncio server (and
+                # many others) refuses a client certificate, without a TLS alert.
+                raise CallError(peer, "tls", "reset during the handshake") from None
             raise CallError(peer, "connect") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError):
             raise CallError(peer, "disconnected") from None
@@ -431,9 +505,12 @@ class Node:
         started: float,
         error: str | None,
         fault: str | None,
+        trace: str | None = None,
     ) -> None:
         ms = round((time.monotonic() - started) * 1000, 2)
         extra = {"fault": fault} if fault else {}
+        if trace:
+            extra["trace"] = trace
         self.telemetry.emit(
             "call",
             src=self.name,
@@ -465,6 +542,7 @@ class Node:
         self._inflight.add(task)
         status = 0
         extra: dict[str, Any] = {}
+        answered: Mapping[str, str] | None = None
         try:
             faults = self.faults
             if faults.any:
@@ -486,7 +564,7 @@ class Node:
                     body = {"error": "injected fault", "fault": "errors", "node": self.name}
                     return self.json(body, status=injected, headers=self._node_header)
             response = await handler(request)
-            status = response.status
+            status, answered = response.status, response.headers
             response.headers[NODE_HEADER] = self.name
             return response
         except web.HTTPException as exc:  # raised by the program: it is the answer
@@ -505,6 +583,9 @@ class Node:
         finally:
             self._inflight.discard(task)
             ms = round((time.monotonic() - started) * 1000, 2)
+            trace = trace_id(request.headers, answered)
+            if trace:
+                extra["trace"] = trace
             self.telemetry.emit(
                 "request",
                 src=src,
@@ -551,7 +632,7 @@ class Node:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         host, port = split_address(self.listen)
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=self._server_tls).start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run_task(f)) for f in self._task_functions]
         self._tasks.append(loop.create_task(self._write_observed()))

@@ -45,3 +45,26 @@ async def test_websockets_from_another_origin_are_refused() -> None:
     connected, _ = await communicator.connect()
     assert connected is False
     await communicator.disconnect()
+
+
+async def test_a_send_from_any_thread_reaches_the_consumers_loop_of_the_in_memory_layer(
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    """`make run`: the embedded worker's threads (a sandbox launched, an experiment
+    checked) tell open pages through the server's loop, which `manage.py serve` binds."""
+    import asyncio
+
+    from channels.layers import get_channel_layer
+
+    from config import layer as sending
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add("classroom.1", channel)
+    sending.bind_loop(asyncio.get_running_loop())
+    try:
+        await asyncio.to_thread(sending.group_send, "classroom.1", {"type": "news", "n": 1})
+        assert await asyncio.wait_for(layer.receive(channel), 2) == {"type": "news", "n": 1}
+    finally:
+        sending.bind_loop(None)

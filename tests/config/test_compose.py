@@ -18,6 +18,7 @@ def test_it_has_the_classroom_services() -> None:
     services = load()["services"]
     assert set(services) == {"db", "redis", "web", "worker", "beat", "supervisor", "docker-proxy"}
     assert "healthcheck" in services["db"] and "healthcheck" in services["redis"]
+    assert "/healthz" in " ".join(services["web"]["healthcheck"]["test"])
 
 
 def test_app_services_build_our_image_and_reach_db_and_redis() -> None:

@@ -224,3 +224,71 @@ def test_the_supervisor_runs_in_the_web_process_by_default_only_without_redis(
     else:
         lines = result.stdout.splitlines()
         assert f"SANDBOX_SUPERVISOR_IN_PROCESS = {expected}  ###" in lines
+
+
+def start_serve(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    """`manage.py serve` as a terminal runs it: Ctrl+C (SIGINT) reaches it (a process
+    started in the background of a script would inherit SIGINT ignored)."""
+    import signal
+
+    server = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fetch(f"http://127.0.0.1:{port}/healthz")
+            return server
+        except OSError:
+            assert server.poll() is None, server.stdout.read() if server.stdout else ""
+            assert time.monotonic() < deadline, "serve did not answer within 30 s"
+            time.sleep(0.1)
+
+
+def test_ctrl_c_stops_cleanly_and_the_next_start_picks_the_sandbox_up(tmp_path: Path) -> None:
+    """Ctrl+C on `make run` stops it cleanly; the sandbox it ran keeps running and the next
+    start supervises it again (the README says so)."""
+    import signal
+
+    env = embedded_env(tmp_path)
+    manage = [sys.executable, "manage.py"]
+    subprocess.run([*manage, "migrate", "-v", "0"], cwd=REPO, env=env, check=True)
+    subprocess.run([*manage, "demo_users"], cwd=REPO, env=env, check=True, capture_output=True)
+    engine = LocalEngine(tmp_path / "sandboxes")
+    server = start_serve(env, free_port())
+    try:
+        launched = subprocess.run(
+            [*manage, "sandbox", "launch", "hello-cluster", "--user", "learner", "--wait"],
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        sandbox_id = launched.split()[0]
+        time.sleep(1)  # the supervisor follows it
+        server.send_signal(signal.SIGINT)
+        first = server.communicate(timeout=10)[0]  # how fast: bench/serve_stop.py
+        assert server.returncode == 0, first
+        assert f"supervising sandbox {sandbox_id}" in first
+        assert [info.sandbox_id for info in engine.list_sandboxes()] == [sandbox_id]
+        assert {s.state for s in engine.status(sandbox_id)} == {"running"}  # left running
+
+        server = start_serve(env, free_port())
+        time.sleep(2)  # start-up housekeeping, then the supervisor finds it
+        server.send_signal(signal.SIGINT)
+        second = server.communicate(timeout=30)[0]
+        assert f"supervising sandbox {sandbox_id}" in second  # picked up again
+        assert "Traceback" not in first + second
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+        for info in engine.list_sandboxes():
+            engine.destroy(info.sandbox_id)

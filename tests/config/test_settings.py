@@ -117,3 +117,33 @@ def test_postgres_and_redis_urls_select_those_backends() -> None:
         "channels_redis.core.RedisChannelLayer",
         "redis://127.0.0.1:6379/3 False",
     ]
+
+
+def test_a_local_install_remembers_its_settings_for_commands_typed_by_hand(
+    tmp_path: Path,
+) -> None:
+    """`make setup` writes var/local.env; manage.py reads it, the environment winning."""
+    var = {"DISTLAB_VAR_DIR": str(tmp_path)}
+    refused = manage("check", env=var)  # a fresh checkout without it: DEBUG is off
+    assert "SECRET_KEY: required when DEBUG is off" in refused.stderr
+
+    written = subprocess.run(
+        [sys.executable, "-m", "config.localenv"], cwd=REPO, env={**os.environ, **var}, check=True
+    )
+    assert written.returncode == 0
+    local = tmp_path / "local.env"
+    assert local.stat().st_mode & 0o777 == 0o600  # it holds the secret key
+    first = local.read_text()
+    subprocess.run([sys.executable, "-m", "config.localenv"], cwd=REPO, env={**os.environ, **var})
+    assert local.read_text() == first  # written once: sessions survive
+
+    assert manage("check", env=var).returncode == 0
+    show = "from django.conf import settings; print(settings.DEBUG, len(settings.SECRET_KEY))"
+    assert manage("shell", "-c", show, env=var).stdout.split()[-2:] == ["True", "67"]
+    production = manage("shell", "-c", show, env={**var, **PRODUCTION})
+    assert production.stdout.split()[-2:] == ["False", str(len(PRODUCTION["SECRET_KEY"]))]
+
+    local.write_text(first + "not a setting\n")
+    broken = manage("check", env=var)
+    assert broken.returncode != 0
+    assert f"{local}:5: expected NAME=value, got 'not a setting'" in broken.stderr

@@ -127,3 +127,16 @@ def test_content_sync_command_reports_counts(folder: Path, capsys) -> None:  # t
     assert "2 created" in capsys.readouterr().out
     call_command("content", "sync")
     assert "2 unchanged" in capsys.readouterr().out
+
+
+def test_content_check_refuses_a_chapter_without_its_sandbox(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "01-a.md").write_text(chapter_text(slug="a", number=1))
+    text = chapter_text(slug="b", number=2).replace("sandbox: replicated-lb", "sandbox: nowhere")
+    (tmp_path / "02-b.md").write_text(text)
+    with pytest.raises(CommandError):
+        call_command("content", "check", "--dir", str(tmp_path))
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "01-a.md" in line] == []
+    (problem,) = [line for line in out if "02-b.md" in line]
+    assert problem.startswith(f"{tmp_path / '02-b.md'}:6: sandbox: no pattern named 'nowhere'")
+    assert "every chapter launches a sandbox of its own" in problem

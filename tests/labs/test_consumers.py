@@ -161,6 +161,32 @@ async def test_staff_may_watch_but_do_not_keep_it_alive(
     assert sandbox.last_seen_at == before
 
 
+def _classroom_with(instructor: User, learner: User) -> None:
+    from apps.classrooms.models import Membership
+    from apps.classrooms.services import classroom_create
+
+    room = classroom_create(owner=instructor, name=f"Class of {instructor.username}")
+    Membership.objects.create(classroom=room, user=learner)
+
+
+async def test_a_class_instructor_may_watch_and_another_gets_4404(
+    learner: User, other_learner: User, instructor: User, socket: Any
+) -> None:
+    sandbox = await make_sandbox(learner)
+    other = await sync_to_async(User.objects.create_user)(username="dave", role="instructor")
+    await sync_to_async(_classroom_with)(instructor, learner)
+    await sync_to_async(_classroom_with)(other, other_learner)
+    ws = socket(sandbox, await cookie_for(instructor), ORIGIN)
+    assert (await ws.connect())[0]
+    assert (await receive_start(ws))["type"] == "snapshot"
+    assert await ws.receive_nothing()
+    await ws.disconnect()
+    before = sandbox.last_seen_at
+    await sandbox.arefresh_from_db()
+    assert sandbox.last_seen_at == before  # watching does not keep it from idling out
+    assert await refused_with(socket(sandbox, await cookie_for(other), ORIGIN)) == 4404
+
+
 async def test_another_learner_gets_4404(learner: User, other_learner: User, socket: Any) -> None:
     sandbox = await make_sandbox(learner)
     assert await refused_with(socket(sandbox, await cookie_for(other_learner), ORIGIN)) == 4404

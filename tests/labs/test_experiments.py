@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from apps.accounts.models import User
 from apps.courses.models import Chapter
-from apps.labs import experiments, measures, services
+from apps.labs import experiments, measures, selectors, services
 from apps.labs.engine.base import Engine
 from apps.labs.measures import MeasureError, TelemetryMissing, Timeline, safe_format
 from apps.labs.models import ExperimentRun, Fault, Sandbox
@@ -40,7 +40,7 @@ from apps.labs.patterns import (
     load_pattern,
 )
 from apps.labs.supervisor import Supervisor, snapshot_cache_key
-from tests.conftest import client_for, make_user
+from tests.conftest import client_for, make_user, queued
 from tests.labs.engine.test_contract import wait_for
 from tests.sandboxes.test_patterns import SPEC
 
@@ -412,7 +412,7 @@ def test_every_fault_action_passes_the_platforms_own_checks() -> None:
         for step in experiment.steps:
             for action in step.actions:
                 if action.kind == "fault":
-                    services._fault_params(action.fault, dict(action.params))
+                    services.fault_params(action.fault, dict(action.params))
                     assert 1 <= action.duration_s <= services.MAX_FAULT_SECONDS
 
 
@@ -733,7 +733,7 @@ def test_it_starts_a_run_and_queues_its_first_step_and_a_watchdog(
         run = experiments.experiment_start(
             user=learner, sandbox_id=sandbox.hex, experiment_id=KILL, prediction="3-8s"
         )
-    assert len(callbacks) == 2  # the first step, and the watchdog check
+    assert len(queued(callbacks)) == 2  # the first step, and the watchdog check
     run.refresh_from_db()
     assert (run.user, run.sandbox, run.pattern, run.experiment) == (
         learner,
@@ -1036,6 +1036,30 @@ def test_starting_from_the_form_shows_the_run_and_polls(learner: User, sandbox: 
 
 
 @pytest.mark.django_db
+def test_a_run_checked_while_the_fragment_is_built_never_vanishes(
+    learner: User, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check lands between the fragment's reads: after it read the learner's latest
+    # runs (the run still running), before anything else. Once, under load, the card then
+    # showed no run at all and the fragment stopped polling, so the result never appeared.
+    run = start(learner, sandbox, KILL, "under-3s")
+    read = selectors.experiment_last_runs
+
+    def read_then_check(**kwargs: Any) -> dict[str, ExperimentRun]:
+        latest = read(**kwargs)
+        ExperimentRun.objects.filter(pk=run.pk).update(state=ExperimentRun.State.CHECKED)
+        return latest
+
+    monkeypatch.setattr(selectors, "experiment_last_runs", read_then_check)
+    html = fragment(client_for(learner), sandbox, HTTP_HX_REQUEST="true").content.decode()
+    assert 'data-testid="run-status" data-state="running"' in html
+    assert 'hx-trigger="every 1s"' in html  # so the next poll shows the result
+    monkeypatch.setattr(selectors, "experiment_last_runs", read)
+    html = fragment(client_for(learner), sandbox, HTTP_HX_REQUEST="true").content.decode()
+    assert 'data-testid="run-result"' in html and 'hx-trigger="every 1s"' not in html
+
+
+@pytest.mark.django_db
 def test_a_checked_result_shows_prediction_outcome_figures_and_explanation(
     learner: User, sandbox: Sandbox
 ) -> None:
@@ -1274,3 +1298,81 @@ def test_cancelling_reverts_the_faults_the_run_injected_and_only_those(
     wait_for(lambda: states()["replica-2"] == "running", timeout=10, what="replica-2 back")
     traffic = local_engine.control(sandbox.hex, "traffic", {"op": "state"})["config"]
     assert traffic["rps"] == 20  # the learner's setting, put back
+
+
+# ---- a scenario: the pattern's experiments in a scripted order ------------------------------
+
+
+def write_scenario(root: Path, scenario: str) -> None:
+    path = write_spec(root, {})
+    path.write_text(path.read_text() + scenario)
+
+
+def test_a_scenario_names_its_experiments_in_order(tmp_path: Path) -> None:
+    write_scenario(
+        tmp_path,
+        "scenario:\n  title: Break it twice\n  intro: >\n    Predict, then watch.\n"
+        "  experiments: [pick, slow]\n",
+    )
+    scenario = load_pattern("test", root=tmp_path).scenario
+    assert scenario is not None
+    assert (scenario.title, scenario.intro, scenario.experiments) == (
+        "Break it twice",
+        "Predict, then watch.",
+        ("pick", "slow"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("experiments_line", "message"),
+    [
+        ("[pick, nope]", "no experiment 'nope' (there are: pick, slow)"),
+        ("[pick]", "two or more experiments, each once"),
+        ("[pick, pick]", "two or more experiments, each once"),
+    ],
+)
+def test_a_scenario_of_unknown_or_too_few_experiments_is_refused(
+    tmp_path: Path, experiments_line: str, message: str
+) -> None:
+    write_scenario(tmp_path, f"scenario:\n  title: T\n  experiments: {experiments_line}\n")
+    with pytest.raises(PatternError, match=re.escape(message)):
+        load_pattern("test", root=tmp_path)
+
+
+@pytest.mark.django_db
+def test_a_scenario_goes_stage_by_stage_and_scores_the_confirmed_predictions(
+    tmp_path: Path, learner: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_scenario(tmp_path, "scenario:\n  title: Break it twice\n  experiments: [pick, slow]\n")
+
+    def from_tmp(pattern_id: str, root: Path | None = None) -> Any:
+        return load_pattern(pattern_id, root=tmp_path)
+
+    from apps.labs import experiment_views
+
+    for module in (experiments, experiment_views, services):
+        monkeypatch.setattr(module, "load_pattern", from_tmp)
+    sandbox = running_sandbox(learner)
+    Sandbox.objects.filter(pk=sandbox.pk).update(pattern="test")
+    sandbox.refresh_from_db()
+
+    with pytest.raises(experiments.ScenarioOrder, match="stage 1, “Pick one”, comes first"):
+        start(learner, sandbox, "slow", 3)
+    context = experiment_views.experiments_context(user=learner, sandbox=sandbox)
+    scenario = context["scenario"]
+    assert (scenario["done"], scenario["score"], scenario["next"]) == (0, 0, "pick")
+    assert context["locked"] == {"slow"}
+
+    run = start(learner, sandbox, "pick", "second")
+    ExperimentRun.objects.filter(pk=run.pk).update(state=ExperimentRun.State.CHECKED, correct=True)
+    context = experiment_views.experiments_context(user=learner, sandbox=sandbox)
+    scenario = context["scenario"]
+    assert (scenario["done"], scenario["score"], scenario["next"]) == (1, 1, "slow")
+    assert context["locked"] == set() and not scenario["finished"]
+    assert [c.experiment.id for c in context["cards"]] == ["pick", "slow"]
+
+    run = start(learner, sandbox, "slow", 3)  # its turn now
+    ExperimentRun.objects.filter(pk=run.pk).update(state=ExperimentRun.State.CHECKED, correct=False)
+    html = client_for(learner).get(reverse("labs:experiments", args=[sandbox.hex])).content.decode()
+    assert "Scenario complete: you predicted 1 of 2 stages right." in html
+    assert 'data-testid="stage-2"' in html and "✗ missed" in html

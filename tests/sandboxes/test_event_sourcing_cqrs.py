@@ -227,6 +227,8 @@ def test_it_flows_commands_into_the_log_and_both_read_models_follow(
 
 
 def test_it_rebuilds_a_killed_projector_from_position_one(cluster: LocalCluster) -> None:
+    # A log of 100 events or more to replay (a cluster just started has fewer).
+    cluster.wait_for(lambda: head(cluster) >= 100, 30, "100 events in the log")
     idle = reads_per_s(cluster, "projector-history", *window(cluster, 2))
     cluster.kill("projector-history")
     restarted = cluster.mark()

@@ -242,10 +242,12 @@ def test_it_adds_profiles_latency_to_front_and_nothing_to_greeting(
     fault(cluster, "profile", kind="latency", ms=200)
     slow = measure(cluster, 3, wait=("greeting",))
     # "front's p50 and p99 rise by about 200 ms while greeting is unaffected": every
-    # request is 200 ms slower than the fastest before; the p50 rises by 200 ± 40 ms; the
-    # p99 (the slowest of 60 requests) by 200 ms, plus the machine's noise at most.
-    fastest_before = min(e["ms"] for e in before.front().events)
-    assert all(e["ms"] >= fastest_before + 200 for e in slow.front().events)
+    # request waits the 200 ms (front calls profile first, then greeting, so none escapes
+    # it); the p50 rises by 200 ± 40 ms; the p99 (the slowest of 60 requests) by 200 ms,
+    # plus the machine's noise at most. (Not "200 ms more than the fastest before": the
+    # two calls' own few milliseconds vary, and under load a slowed request's share of
+    # them was once smaller than the fastest unslowed request's.)
+    assert min(e["ms"] for e in slow.front().events) >= 200
     p50_rise = slow.front().p(50) - before.front().p(50)
     assert 160 <= p50_rise <= 240, p50_rise
     assert slow.front().p(99) <= before.front().p(99) + 200 + NOISE_MS

@@ -285,6 +285,11 @@ SPEC_ERRORS = [
         "observe.gauges[0].nodes[0]: unknown node 'ghost'",
     ),
     (
+        {14: "observe:\n  gauges:\n    - {id: lag, nodes: [worker], graph: 'no'}"},
+        16,
+        "observe.gauges[0].graph: must be true or false, got 'no'",
+    ),
+    (
         {
             14: "observe:\n  gauges:\n    - {id: lag, nodes: worker}\n"
             "  states:\n    - {id: lag, values: [a], nodes: front}"

@@ -19,6 +19,7 @@ import pytest
 
 from apps.labs.patterns import Pattern
 from sandboxes.runtime.ctl import EXIT_NOT_OK, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, send
+from sandboxes.runtime.node import trace_id
 from sandboxes.runtime.run import PATTERNS_DIR, UsageError, node_from_environment, program_path
 from sandboxes.runtime.testing import REPO, LocalCluster, wait_for
 from tests.sandboxes.helpers import PATTERN, assert_quiet, get
@@ -106,6 +107,17 @@ def test_each_request_becomes_a_request_event_naming_the_caller(cluster: LocalCl
     assert event["status"] == 200
     assert 4 <= event["ms"] < 1000  # the replica works 5 ms
     assert "fault" not in event and "error" not in event
+
+
+def test_the_trace_id_comes_from_traceparent_then_traceresponse_and_only_if_well_formed() -> None:
+    sent = {"TraceParent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    answered = {"traceresponse": "00-" + "1" * 32 + "-" + "2" * 16 + "-00"}
+    assert trace_id(sent, answered) == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_id({}, answered) == "1" * 32
+    assert trace_id(None, None) is None
+    for bad in ("00-" + "0" * 32 + "-" + "2" * 16 + "-01", "00-XYZ-00f067aa0ba902b7-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"):  # fmt: skip
+        assert trace_id({"traceparent": bad}) is None, bad
 
 
 def test_started_is_the_first_event(cluster: LocalCluster) -> None:

@@ -148,10 +148,14 @@ def test_a_caching_client_keeps_calling_a_crashed_instance_until_its_ttl_runs_ou
     cluster.kill("api-3")
     expired = cluster.wait_event("registry", "state", switched, 8, event="lease_expired")
     refreshed = cluster.wait_event(
-        "client", "state", switched, TTL_S + 3, event="list_updated", source="DNS",
+        "client", "state", switched, 2 * TTL_S + 3, event="list_updated", source="DNS",
         change="-api-3",
     )  # fmt: skip
-    assert TTL_S - 0.5 <= refreshed["ts"] - looked_up["ts"] <= TTL_S + 1.5
+    # At the first refresh after the lease expired: one TTL after the look-up, or two when
+    # the expiry came after the first refresh (a busy machine may delay it that long).
+    waited = refreshed["ts"] - looked_up["ts"]
+    assert any(k * TTL_S - 0.5 <= waited <= k * TTL_S + 1.5 for k in (1, 2)), waited
+    assert refreshed["ts"] >= expired["ts"]
     late = [c for c in client_calls(cluster, expired["ts"] + 1) if c["dst"] == "api-3"]
     assert len(late) >= 10, len(late)  # still sent after the lease expired, and failing
     assert all(c["status"] == 0 for c in late)

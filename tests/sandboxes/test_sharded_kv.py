@@ -188,7 +188,10 @@ def test_it_spreads_the_keys_about_a_third_per_shard(cluster: LocalCluster) -> N
     seen = measure(cluster, 4)
     share = shares(seen["router_keys"])
     assert set(share) == set(SHARDS)
-    assert all(22 <= s <= 47 for s in share.values()), share  # 40/31/29% of the keys
+    # The ring gives shard-1..3 40/31/29% of the keys; about 240 requests in 4 s put one
+    # share within about 3 points (one standard deviation): allow 3.5 of them.
+    expected = {"shard-1": 40, "shard-2": 31, "shard-3": 29}
+    assert all(abs(share[s] - expected[s]) <= 11 for s in SHARDS), share
     assert all(c["status"] == 200 for c in seen["keys"])
     assert seen["scans"] and all(c["status"] == 200 for c in seen["scans"])
     assert percentile([c["ms"] for c in seen["keys"]], 0.5) < 50

@@ -30,7 +30,7 @@ from apps.labs.engine.base import Engine
 from apps.labs.measures import histogram_percentile
 from apps.labs.models import ExperimentRun, Fault, Sandbox
 from apps.labs.patterns import load_pattern
-from apps.labs.supervisor import Supervisor, snapshot_cache_key
+from apps.labs.supervisor import Supervisor, inspect_cache_key, snapshot_cache_key
 from tests.conftest import require
 
 SETTLE_S = 1.5  # after a change, before a window is measured: the system settles
@@ -179,6 +179,11 @@ class Lab:
         stored = cache.get(snapshot_cache_key(self.sandbox.hex))
         return stored if isinstance(stored, dict) else {}
 
+    def collected(self) -> Mapping[str, Any]:
+        """What the lab's Traces and Logs cards read: the collector's traces and log lines."""
+        stored = cache.get(inspect_cache_key(self.sandbox.hex))
+        return stored if isinstance(stored, dict) else {}
+
     def watch(self, seconds: float, settle: float = SETTLE_S) -> Window:
         """Wait ``settle`` seconds, then watch for ``seconds``: the whole seconds of that
         span as the lab's history has them (waits until the history covers them)."""
@@ -223,6 +228,16 @@ class Lab:
                 return run
             assert time.monotonic() < deadline, f"{experiment_id} did not finish"
             time.sleep(0.5)
+
+    def steps(self, run: ExperimentRun, skip_s: float = 0.0) -> dict[str, Window]:
+        """What the lab's history holds of each step of a checked run, from ``skip_s``
+        seconds after the step began (as a check's ``skip_s``) to its end."""
+        experiment = load_pattern(run.pattern).experiment(run.experiment)
+        assert experiment is not None
+        timeline = experiments.run_timeline(run, experiment)
+        return {
+            step: self.between(start + skip_s, end) for step, (start, end) in timeline.steps.items()
+        }
 
     def verdicts(self, run: ExperimentRun) -> dict[Any, experiments.Verdict]:
         """How the run's measurement judges every option of its (choice) prediction."""

@@ -39,7 +39,8 @@ def walk(lab: Lab) -> None:
         assert 20 <= link.error_pct <= 40, link
     lab.control("retries", True)
     retried = lab.watch(6)
-    assert 3 <= retried.users().error_pct <= 16, retried.users()
+    # About 9 of 100 requests; 2 was seen once in CI (binomial tail): some, not none.
+    assert 1 <= retried.users().error_pct <= 16, retried.users()
     assert 21 <= retried.node("app").rps <= 31, retried.node("app")
     lab.revert(errors)
     lab.control("retries", False)

@@ -90,12 +90,24 @@ def _proc_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
+def _environ(pid: int) -> list[bytes]:
+    """A process's environment. A process caught inside execve (Popen has returned, the
+    kernel has not yet placed the new environment) shows an empty one for a moment:
+    read again until it appears, for at most about 0.2 s."""
+    for _ in range(40):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return []
+        if environ:
+            break
+        time.sleep(0.005)
+    return environ.split(b"\0")
+
+
 def _is_our_process(pid: int, sandbox_id: str, name: str) -> bool:
     """Guards against pid reuse: the process must carry this node's environment."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    environ = _environ(pid)
     return (
         f"DISTLAB_SANDBOX={sandbox_id}".encode() in environ
         and f"DISTLAB_NODE={name}".encode() in environ
@@ -489,11 +501,7 @@ class LocalEngine(Engine):
 
     def _is_mine(self, pid: int) -> bool:
         """A node started by this engine (same state folder), not by another install."""
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return f"DISTLAB_STATE_DIR={self.state_dir}".encode() in environ
+        return f"DISTLAB_STATE_DIR={self.state_dir}".encode() in _environ(pid)
 
 
 def _line_time(line: bytes) -> float:

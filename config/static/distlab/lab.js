@@ -34,8 +34,8 @@
   };
   var MARK_ICON = "⚑";
   // Which event kinds change what the fault and control forms show.
-  var FAULT_EVENTS = { fault: 1, fault_cleared: 1, down: 1, up: 1, paused: 1, resumed: 1, added: 1, removed: 1 };
-  var CONTROL_EVENTS = { policy: 1, config: 1, added: 1, removed: 1 };
+  var FAULT_EVENTS = { fault: 1, fault_cleared: 1, down: 1, up: 1, paused: 1, resumed: 1, added: 1, removed: 1, drill: 1, acted: 1 };
+  var CONTROL_EVENTS = { policy: 1, config: 1, added: 1, removed: 1, acted: 1 };
 
   // One backoff for every reconnect, ours and htmx's: 0.5 s doubling to at most 10 s, with
   // jitter so a classroom does not reconnect in step. (htmx's default waits up to 64 s,
@@ -44,6 +44,37 @@
     return Math.min(10000, 500 * Math.pow(2, retries)) * (0.5 + Math.random() / 2);
   }
   if (window.htmx) htmx.config.wsReconnectDelay = reconnectDelay;
+
+  // The lab's form panels: an answer or a refresh replaces each whole.
+  var PANELS = { "lab-controls": 1, "lab-faults": 1 };
+  var FIELDS = "input:not([type=hidden]), select, textarea";
+
+  function fieldValue(field) {
+    return field.type === "checkbox" || field.type === "radio" ? String(field.checked) : field.value;
+  }
+
+  // Has the learner changed a field of this panel that the server has not seen yet: one
+  // changed since it was last sent (its change may wait behind a request in flight), or
+  // the one they are typing in? Then nothing may replace the panel, or the change is lost.
+  function editing(panel) {
+    var fields = panel.querySelectorAll(FIELDS);
+    for (var i = 0; i < fields.length; i++) {
+      var field = fields[i];
+      if (field.disabled) continue;
+      if (field.hasAttribute("data-sent")) {
+        if (fieldValue(field) !== field.getAttribute("data-sent")) return true;
+      } else if (field === document.activeElement) {
+        var shown = field.type === "checkbox" || field.type === "radio" ? String(field.defaultChecked) : field.defaultValue;
+        if (field.tagName === "SELECT") {
+          shown = "";
+          for (var j = 0; j < field.options.length; j++) if (field.options[j].defaultSelected) shown = field.options[j].value;
+          if (!shown && field.options.length) shown = field.options[0].value;
+        }
+        if (fieldValue(field) !== shown) return true;
+      }
+    }
+    return false;
+  }
 
   function el(name, attrs, parent) {
     var node = document.createElementNS(SVG, name);
@@ -102,6 +133,7 @@
     this.root = root;
     this.id = root.getAttribute("data-sandbox");
     this.panelUrl = root.getAttribute("data-panel-url");
+    this.traceUrl = root.getAttribute("data-trace-url"); // with a collector: ".../traces/TRACE/"
     var topology = JSON.parse(document.getElementById("lab-topology").textContent);
     this.layout = topology;
     var observe = topology.observe || {};
@@ -123,7 +155,7 @@
     this.retries = 0;
     this.ended = false;
     this.times = [];
-    this.totals = { rps: [], error_pct: [], p50_ms: [], p99_ms: [] };
+    this.totals = { rps: [], error_pct: [], p50_ms: [], p99_ms: [], slow_trace: [] };
     this.perNode = {};
     this.scope = "";
     this.charts = {};
@@ -184,6 +216,8 @@
     }
     document.addEventListener("distlab:theme", function () { self.makeCharts(); });
     root.addEventListener("click", function (event) {
+      var dot = event.target.closest("[data-trace]");
+      if (dot) return self.openTrace(dot.getAttribute("data-trace"));
       var target = event.target.closest("[data-node]");
       if (target && !target.closest("form")) self.select(target.getAttribute("data-node"));
     });
@@ -194,6 +228,21 @@
       if (!target) return;
       event.preventDefault();
       self.select(target.getAttribute("data-node"));
+    });
+    // The learner's input wins over the server's older view: what each request sends is
+    // remembered per field, and an answer or refresh that would replace a panel holding a
+    // change not sent yet waits until it is sent (htmx queues it behind the request in
+    // flight) and the server's answer to it comes back.
+    root.addEventListener("htmx:beforeRequest", function (event) {
+      var elt = event.detail.elt;
+      var fields = elt && elt.querySelectorAll ? elt.querySelectorAll(FIELDS) : [];
+      for (var i = 0; i < fields.length; i++) fields[i].setAttribute("data-sent", fieldValue(fields[i]));
+    });
+    root.addEventListener("htmx:beforeSwap", function (event) {
+      var target = event.detail.target;
+      if (!target || !PANELS[target.id] || !editing(target)) return;
+      event.detail.shouldSwap = false;
+      self.refreshSoon("#" + target.id);
     });
     root.addEventListener("change", function (event) {
       if (event.target.matches("[data-lab-scope]")) {
@@ -307,6 +356,7 @@
     }
     if (FAULT_EVENTS[event.kind]) this.refreshSoon("#lab-faults");
     if (CONTROL_EVENTS[event.kind]) this.refreshSoon("#lab-controls");
+    if (event.kind === "class-experiment") this.refreshSoon("#lab-experiments"); // the ask shows
     if (event.kind === "sandbox_ended") this.ended = true;
     if (event.node) {
       var box = this.graph.querySelector('[data-node="' + CSS.escape(event.node) + '"]');
@@ -327,8 +377,10 @@
     this.pending[selector] = setTimeout(function () {
       self.pending[selector] = null;
       var target = document.querySelector(selector);
-      // Leave a form alone while the learner is using it.
-      if (target && !target.contains(document.activeElement)) htmx.trigger(target, "lab:refresh");
+      // Leave a form alone while the learner is using it (their next change's answer
+      // brings the panel up to date).
+      if (!target || self.ended || target.contains(document.activeElement) || editing(target)) return;
+      htmx.trigger(target, "lab:refresh");
     }, 400);
   };
 
@@ -359,6 +411,8 @@
     return a < b ? -1 : a > b ? 1 : 0;
   }
 
+  var MIN_COLUMN_W = 100; // px a column of the graph needs, across
+
   Lab.prototype.build = function () {
     var svg = this.graph;
     this.dots = [];
@@ -370,11 +424,16 @@
       (columns[c] = columns[c] || []).push(names[i]);
     }
     columns = columns.filter(Boolean);
-    var across = this.layout.direction !== "top-to-bottom";
     // Drawn at the element's own size in pixels, so labels read the same on a phone and
     // on a projector; redrawn when that size changes.
     var VIEW_W = Math.max(280, Math.min(1000, Math.round(svg.clientWidth || 600)));
     this.drawnWidth = VIEW_W;
+    // Side by side, each column needs room for a box and its links' labels: a graph with
+    // more columns than its width holds (six in a chapter's panel, five on
+    // a phone) is drawn top to bottom instead, where its longest column spreads across.
+    var longest = Math.max.apply(null, columns.map(function (c) { return c.length; }));
+    var across = this.layout.direction !== "top-to-bottom" &&
+      (VIEW_W / columns.length >= MIN_COLUMN_W || columns.length <= longest);
     var NODE_W = Math.round(Math.max(84, Math.min(144, VIEW_W / Math.max(1, columns.length) - 60)));
     // A node's declared states and gauges go under its box, one line each (a gauge takes
     // two, label then value, where one is too narrow for both): its place keeps that room
@@ -389,7 +448,7 @@
         room[name] = across
           ? Math.min(VIEW_W / columns.length - (VIEW_W < 480 ? 4 : 12), VIEW_W < 480 ? Infinity : NODE_W + 44)
           : VIEW_W / columns[ci].length - 12;
-        extras[name] = this.extrasOf(name);
+        extras[name] = this.extrasOf(name, true);
         var lines = 0;
         for (var xi = 0; xi < extras[name].length; xi++) {
           var extra = extras[name][xi];
@@ -511,14 +570,17 @@
     return { icon: MARK_ICON, label: mark ? mark.label : String(state || "?"), cls: "mark" };
   };
 
-  // What a node shows under its box: its declared states (badges), then its gauges.
-  Lab.prototype.extrasOf = function (name) {
+  // A node's declared states (badges), then its gauges: all of them for the state panel,
+  // or (``onGraph``) those shown under its box (a gauge may say `graph: false`).
+  Lab.prototype.extrasOf = function (name, onGraph) {
     var self = this, out = [];
     var covers = function (spec) {
       return (spec.nodes || []).some(function (ref) { return self.matches(name, ref); });
     };
     this.observe.states.forEach(function (x) { if (covers(x)) out.push({ kind: "state", spec: x }); });
-    this.observe.gauges.forEach(function (g) { if (covers(g)) out.push({ kind: "gauge", spec: g }); });
+    this.observe.gauges.forEach(function (g) {
+      if (covers(g) && !(onGraph && g.graph === false)) out.push({ kind: "gauge", spec: g });
+    });
     return out;
   };
 
@@ -667,9 +729,37 @@
       var shape = failed
         ? el("rect", { width: 8, height: 8, x: -4, y: -4, class: "dot dot-err" }, this.layers.dots)
         : el("circle", { r: 4, class: "dot dot-ok" }, this.layers.dots);
+      if (call.trace && this.traceUrl) { // a request of a trace: a click opens it
+        shape.setAttribute("data-trace", call.trace);
+        shape.classList.add("dot-traced");
+        var tip = document.createElementNS("http://www.w3.org/2000/svg", "title");
+        tip.textContent = call.src + " → " + call.dst + ", " + fmt(call.ms, 0, " ms") + ": click to open its trace";
+        shape.appendChild(tip);
+      }
       // Spread the frame's calls over the frame interval instead of launching them at once.
       this.dots.push({ el: shape, p: p, q: q, start: now + i * (125 / Math.max(1, sample.length)), duration: duration });
     }
+  };
+
+  // One request's trace, in the Traces card: asked for with wait=1, since a request's
+  // trace reaches the collector a second or two after the request ends.
+  Lab.prototype.openTrace = function (id) {
+    var view = document.getElementById("lab-trace");
+    if (!this.traceUrl || !view || !window.htmx || !/^[0-9a-f]{32}$/.test(id || "")) return;
+    htmx.ajax("GET", this.traceUrl.replace("TRACE", id) + "?wait=1", { target: "#lab-trace", swap: "innerHTML" });
+    (view.closest(".lab-card") || view).scrollIntoView({ block: "nearest" });
+  };
+
+  // The slowest traced request at the latency chart's point `idx` (or the nearest point
+  // that has one, within 3), in what the charts show now.
+  Lab.prototype.traceAt = function (idx) {
+    var source = this.scope && this.perNode[this.scope] ? this.perNode[this.scope] : this.totals;
+    var list = source.slow_trace || [];
+    for (var d = 0; d <= 3; d++) {
+      if (list[idx - d]) return list[idx - d];
+      if (list[idx + d]) return list[idx + d];
+    }
+    return null;
   };
 
   Lab.prototype.animate = function (now) {
@@ -849,7 +939,7 @@
     if (errors) errors.classList.toggle("is-bad", totals.error_pct > 0);
   };
 
-  var NODE_SERIES = ["rps", "error_pct", "p50_ms", "p99_ms"];
+  var NODE_SERIES = ["rps", "error_pct", "p50_ms", "p99_ms", "slow_trace"];
 
   // One point per second (or frame) for the charts: the totals, per node its figures
   // and its gauges (as "gauge:<id>"), and the pattern's series (kept like a node named
@@ -994,8 +1084,16 @@
         return Object.assign({ points: { show: false }, spanGaps: false }, s);
       })),
     };
-    this.charts[name] = new uPlot(opts, this.chartData(name), target);
-    this.charts[name].key = spec.key;
+    var chart = this.charts[name] = new uPlot(opts, this.chartData(name), target);
+    chart.key = spec.key;
+    if (name === "latency" && this.traceUrl) { // a point opens that moment's slowest trace
+      var self = this;
+      chart.root.classList.add("chart-traced");
+      chart.over.addEventListener("click", function () {
+        var id = chart.cursor.idx == null ? null : self.traceAt(chart.cursor.idx);
+        if (id) self.openTrace(id);
+      });
+    }
   };
 
   // The gauge the charts show ("gauge:<id>" in the selector), or null.

@@ -372,6 +372,20 @@ def assert_hardened(info: dict[str, Any]) -> None:
     assert not host["PortBindings"] and not info["NetworkSettings"]["Ports"]
 
 
+def test_the_image_has_no_setuid_or_setgid_binary(engine: DockerEngine) -> None:
+    """With no-new-privileges a setuid binary could not raise privileges anyway; the image
+    has none at all, so that nothing depends on that one setting (docs/security.md)."""
+    found = engine.client.containers.run(
+        engine.image,
+        ["find", "/", "-xdev", "-perm", "/6000", "-type", "f"],
+        entrypoint=[],
+        network_mode="none",
+        user="0:0",  # root sees every file; a node runs as 20001
+        remove=True,
+    )
+    assert found.decode().split() == []
+
+
 def test_every_container_is_hardened(engine: DockerEngine, lab: SandboxSpec) -> None:
     for node in lab.nodes:
         info = container(engine, lab, node.name)
@@ -450,6 +464,32 @@ print(status["CapEff"].strip(), status["NoNewPrivs"].strip())
     assert lines[1] == "/opt/distlab/x 30" and lines[2] == "/etc/x 30"  # EROFS
     assert lines[3] == "/tmp/x writable"
     assert lines[4] == "0000000000000000 1"  # no capability, no new privileges
+
+
+def test_the_image_has_no_set_user_or_group_id_program(
+    engine: DockerEngine, lab: SandboxSpec
+) -> None:
+    code, output = run_in(
+        engine,
+        lab,
+        "replica-1",
+        """
+import os, stat
+found = []
+for top in ("/bin", "/sbin", "/usr", "/lib", "/etc", "/opt", "/var"):
+    for folder, _, files in os.walk(top):
+        for name in files:
+            try:
+                mode = os.lstat(os.path.join(folder, name)).st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
+                found.append(os.path.join(folder, name))
+print(len(found), found[:5])
+""",
+    )
+    assert code == 0, output
+    assert output.strip() == "0 []", output  # Debian's slim base has passwd, mount, su…
 
 
 # -- isolation ---------------------------------------------------------------------------

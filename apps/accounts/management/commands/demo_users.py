@@ -5,6 +5,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from apps.accounts.services import demo_users_ensure
+from apps.classrooms.demo import demo_classroom_ensure
 
 
 class Command(BaseCommand):
@@ -12,6 +13,12 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         created = demo_users_ensure()
+        classroom = demo_classroom_ensure()  # the demo instructor's, with the demo learner
+        if classroom is not None:
+            self.stdout.write(
+                f"Demo classroom {classroom.name!r}: /classrooms/{classroom.pk}/ for the "
+                "instructor (fill it with learners: `.venv/bin/python manage.py demo_class`)."
+            )
         if not created:
             self.stdout.write(
                 "Demo users exist already (instructor, learner); their passwords were "

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from apps.courses.content import Problem, load_content
 from apps.courses.services import content_sync
-from apps.labs.patterns import pattern_problems
+from apps.labs.patterns import pattern_ids, pattern_problems
 
 
 def shown(problem: Problem) -> str:
@@ -40,6 +40,7 @@ class Command(BaseCommand):
         if action == "check":
             sources, problems = load_content(content_dir)
             problems += [Problem(path, line, text) for path, line, text in pattern_problems()]
+            problems += sandbox_problems(sources)
             for problem in problems:
                 self.stdout.write(shown(problem))
             if problems:
@@ -54,3 +55,23 @@ class Command(BaseCommand):
             f"{report.retired} retired, {report.unchanged} unchanged, "
             f"{len(report.problems)} problem(s)"
         )
+
+
+NO_SANDBOX = (
+    "sandbox: no pattern named {sandbox!r} in sandboxes/patterns/ (there are: {known}): "
+    "every chapter launches a sandbox of its own"
+)
+
+
+def sandbox_problems(sources: list[Any]) -> list[Problem]:
+    """Every chapter names a pattern that exists, so each launches a sandbox of its own."""
+    known = pattern_ids()
+    problems = []
+    for source in sources:
+        if source.sandbox in known:
+            continue
+        lines = source.path.read_text(encoding="utf-8").splitlines()
+        line = next((n for n, text in enumerate(lines, 1) if text.startswith("sandbox:")), 1)
+        message = NO_SANDBOX.format(sandbox=source.sandbox, known=", ".join(sorted(known)))
+        problems.append(Problem(source.path, line, message))
+    return problems

@@ -16,6 +16,7 @@ from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 from apps.courses.services import content_sync
 from apps.labs.engine import EngineError, get_engine
 from apps.labs.services import sandbox_reap
+from config import layer
 from config.asgi import application
 from config.celery import app as celery_app
 from config.embedded import EmbeddedCelery, EmbeddedSupervisor
@@ -53,8 +54,12 @@ class Command(BaseCommand):
             embedded.start()
         supervisors: list[EmbeddedSupervisor] = []  # started once Daphne's loop exists
 
-        def start_supervisor() -> None:
-            supervisors.append(self._start_supervisor())
+        def ready() -> None:
+            """Daphne's loop, the one every consumer runs on, exists and is current."""
+            if isinstance(get_channel_layer(), InMemoryChannelLayer):
+                layer.bind_loop(asyncio.get_event_loop())  # sends from any thread go there
+            if settings.SANDBOX_SUPERVISOR_IN_PROCESS:
+                supervisors.append(self._start_supervisor())
 
         if settings.SANDBOX_SUPERVISOR_IN_PROCESS:
             self.stdout.write("telemetry: the supervisor runs in this process")
@@ -71,13 +76,14 @@ class Command(BaseCommand):
                 endpoints=build_endpoint_description_strings(host=host, port=port),
                 signal_handlers=True,
                 verbosity=0,
-                ready_callable=start_supervisor if settings.SANDBOX_SUPERVISOR_IN_PROCESS else None,
+                ready_callable=ready,
             ).run()
         finally:
+            layer.bind_loop(None)
             for supervisor in supervisors:  # stopped already, unless the reactor never ran
                 supervisor.stop()
             if embedded is not None:
-                embedded.stop()
+                embedded.stop(exiting=True)
 
     def _start_supervisor(self) -> EmbeddedSupervisor:
         """Start the telemetry supervisor. Daphne calls this just before its reactor runs,

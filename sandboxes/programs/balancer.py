@@ -1,6 +1,9 @@
 """The load balancer: clients know only its address; it forwards each request to a replica.
 
-It keeps a list of backends (the nodes with role "replica" in its address book), picks
+Shared by the patterns that balance (replicated-lb, capstone). It keeps a list of
+backends (the nodes with role ``params.backend_role``, "replica" unless a pattern says
+otherwise, in its address book) and forwards the routes ``params.routes`` names ("GET /"
+by default; the capstone's: "GET /product/{key}, POST /order/{key}"). It picks
 one per request with the current policy, and passes the replica's answer back with an
 ``X-Distlab-Served-By`` header. Two things make it better than the outline's sketch:
 
@@ -47,9 +50,11 @@ def setup(node: Node) -> None:
     timeout_s = float(node.param("lb_timeout_s", 1.0))  # how long to wait for a replica
     check_path = node.param("health_path", "/health")
     check_timeout_s = float(node.param("health_timeout_s", 0.5))
+    role = node.param("backend_role", "replica")
+    routes = node.param("routes", "GET /").split(",")  # "METHOD /path, …", forwarded as is
 
     # The replicas we start with are trusted; scaling adds and removes some later.
-    backends = {p.name: Backend(p.name, True) for p in node.peers_with_role("replica")}
+    backends = {p.name: Backend(p.name, True) for p in node.peers_with_role(role)}
 
     def admit(b: Backend, reason: str) -> None:
         b.in_rotation = True
@@ -81,7 +86,7 @@ def setup(node: Node) -> None:
     def follow_replicas() -> None:
         """Scaling changed the address book. A new replica joins once it passes its health
         checks (at once if they are off); a removed one is forgotten."""
-        names = [p.name for p in node.peers_with_role("replica")]
+        names = [p.name for p in node.peers_with_role(role)]
         for name in names:
             if name not in backends:
                 backends[name] = Backend(name, in_rotation=not node.config["health_checks"])
@@ -104,21 +109,27 @@ def setup(node: Node) -> None:
         # dead servers. We count turns ourselves, over the replicas in rotation only.
         return pool[next(turn) % len(pool)]
 
-    @node.route("/")
-    async def forward(request: Request) -> Response:
+    async def forward(request: Request, route: str) -> Response:
         pool = [b for b in backends.values() if b.in_rotation]
         if not pool:
             return node.json({"error": "no healthy replica"}, status=503)
         backend = choose(pool)
         backend.in_flight += 1
         try:
-            reply = await node.call(backend.name, "/", params=request.query, timeout=timeout_s)
+            body = await request.json() if request.can_read_body else None
+            reply = await node.call(
+                backend.name, request.path, method=request.method, params=request.query,
+                json=body, timeout=timeout_s, route=route,
+            )  # fmt: skip
         except CallError as exc:  # no answer at all: no retry, the client sees it
             status = 504 if exc.reason == "timeout" else 502
             return node.json({"error": exc.reason, "replica": backend.name}, status=status)
         finally:
             backend.in_flight -= 1
         return node.relay(reply, headers={"X-Distlab-Served-By": backend.name})
+
+    for method, path in (r.split() for r in routes):
+        node.route(path, method=method)(lambda request, path=path: forward(request, path))
 
     # ---- active health checks ----
 

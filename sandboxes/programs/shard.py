@@ -12,7 +12,8 @@ first (see the chapter's "Resharding").
 - ``PUT /kv/{key}`` with ``{"value": …}``: stores it.
 - ``GET /scan``: this shard's part of a query over every key (here: how many it holds).
 
-It reports how many keys it holds as the gauge ``keys``. A killed and restarted shard
+Shared by sharded-kv and capstone. It reports how many keys it holds as the gauge ``keys``,
+and the key requests it got in the last second as ``requests_per_s``. A killed and restarted shard
 comes back empty, like any in-memory store.
 """
 
@@ -26,10 +27,13 @@ from sandboxes.runtime.node import Node, Request, Response
 def setup(node: Node) -> None:
     work_s = float(node.param("shard_work_ms", 2.0)) / 1000  # stands in for real work
     store: dict[str, object] = {}
+    served = 0  # key requests since the last second
     node.gauge("keys", 0)
 
     @node.route("/kv/{key}")
     async def read(request: Request) -> Response:
+        nonlocal served
+        served += 1
         key = request.match_info["key"]
         await asyncio.sleep(work_s)
         found = key in store
@@ -37,6 +41,8 @@ def setup(node: Node) -> None:
 
     @node.route("/kv/{key}", method="PUT")
     async def write(request: Request) -> Response:
+        nonlocal served
+        served += 1
         key = request.match_info["key"]
         body = await request.json() if request.can_read_body else {}
         await asyncio.sleep(work_s)
@@ -48,6 +54,14 @@ def setup(node: Node) -> None:
     async def scan(request: Request) -> Response:
         await asyncio.sleep(work_s)
         return node.json({"shard": node.name, "keys": len(store)})
+
+    @node.task
+    async def per_second() -> None:
+        nonlocal served
+        while True:
+            await asyncio.sleep(1.0)
+            node.gauge("requests_per_s", served)
+            served = 0
 
     @node.status
     def status() -> dict[str, object]:
