@@ -270,6 +270,11 @@ class Lab:
             assert time.monotonic() < deadline, f"no {kind} event within {timeout:g} s"
             time.sleep(0.2)
 
+    def snapshot_texts(self, kind: str, since: float) -> list[str]:
+        """The texts of the lab log's events of this kind since ``since``, as shown now."""
+        events = self.snapshot().get("events") or []
+        return [e["text"] for e in events if e.get("kind") == kind and e["ts"] >= since]
+
     def table_rows(self, table: str) -> list[Mapping[str, Any]]:
         """The rows the lab's state panel shows now for a declared table."""
         for entry in (self.snapshot().get("frame") or {}).get("tables") or []:
