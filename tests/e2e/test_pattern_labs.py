@@ -100,7 +100,7 @@ CASES = {
     ),
     "mtls-authz": Case(
         "security-patterns",
-        ("ca", "inventory", "orders", "gateway", "reporting", "client", "intruder"),
+        ("ca", "inventory", "orders", "gateway", "reporting", "client", "intruder", "auditor"),
         "Valid certificates",
         ("inventory", "kill"),
         "killed",
