@@ -365,7 +365,7 @@ def setup(node: Node) -> None:
         @node.route("/checkout", method="POST")
         async def checkout(request: Request) -> Response:
             refused, token = authorize(request, "POST /checkout")
-            if refused:
+            if refused is not None:  # (an empty aiohttp response is falsy)
                 return refused
             return await forward("orders", "POST /orders", token, await request.json())
 
@@ -377,7 +377,7 @@ def setup(node: Node) -> None:
         @node.route("/orders", method="POST")
         async def place(request: Request) -> Response:
             refused, token = authorize(request, "POST /orders")
-            if refused:
+            if refused is not None:
                 return refused
             order = await request.json()
             answer = await forward("inventory", "POST /reserve", token, order)
@@ -388,7 +388,7 @@ def setup(node: Node) -> None:
         @node.route("/orders")
         async def listing(request: Request) -> Response:
             refused, _ = authorize(request, "GET /orders")
-            if refused:
+            if refused is not None:
                 return refused
             newest = next(reversed(vault.records), None)  # read back: decrypted on demand
             return node.json({"orders": len(vault.records), "newest": newest and vault.get(newest)})
@@ -424,7 +424,7 @@ def setup(node: Node) -> None:
         @node.route("/reserve", method="POST")
         async def reserve(request: Request) -> Response:
             refused, _ = authorize(request, "POST /reserve")
-            if refused:
+            if refused is not None:
                 return refused
             return node.json({"reserved": (await request.json()).get("item")})
 
