@@ -5,8 +5,10 @@ a switch moves every request and back; a weight splits them, sticky users stay p
 version 2's bugs; a healthy canary climbs to 100%, a failing or slow one is rolled back
 at its first step; a killed green replica is ejected and its refused requests retried; a
 paused one shows as latency, then timeouts; a cut-off analysis holds the weight; too few
-requests make a step wait. One sandbox serves the module, with 2-second canary steps and
-30 green requests per step to keep it fast; after each test everything is put back.
+requests make a step wait; version 2's schema change, expanded, leaves version 1 working,
+and in place breaks it for the users version 2 served. One sandbox serves the module, with
+2-second canary steps and 30 green requests per step to keep it fast; after each test
+everything is put back.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tests.sandboxes.helpers import assert_quiet, configure, fault, get, put_bac
 PATTERN = "blue-green-canary"
 BLUE = ["blue-1", "blue-2", "blue-3"]
 GREEN = ["green-1", "green-2", "green-3"]
-NODES = [*BLUE, *GREEN, "router", "analysis", "client"]
+NODES = ["db", *BLUE, *GREEN, "router", "analysis", "client"]
 ROUTER = {"green_weight": 0, "canary": False, "sticky": False}
 RPS = 100.0
 FAST = {"min_requests": 30}  # per step, instead of 50 (0.8 ** 30: a 20% bug shows)
@@ -110,6 +112,33 @@ def test_everything_goes_to_blue_at_first(cluster: LocalCluster) -> None:
     answer = get(cluster.nodes["router"].address, "/account/k7")
     assert answer.headers["X-Distlab-Version"] == "1"
     assert json.loads(answer.body)["balance"].count(".") == 1  # euros, as version 1 says
+
+
+def requests_needed(cluster: LocalCluster) -> float:
+    gauges = cluster.ctl("analysis", {"op": "state"})["observed"]["gauges"]
+    return float(gauges.get("requests_needed", 0))
+
+
+def test_the_analysis_says_how_many_requests_a_one_point_rise_takes_to_see(
+    cluster: LocalCluster,
+) -> None:
+    # Blue fails nothing: (1.96 + 0.84)^2 * 0.99% / (1%)^2 = 777 requests per version.
+    cluster.wait_for(lambda: requests_needed(cluster) == 777, 5, "777 at rest")
+    for name in BLUE:  # 5% for 6 s of the last 30 s
+        fault(cluster, name, kind="errors", rate=0.05, status=500)
+    time.sleep(6)
+    for name in BLUE:
+        cluster.ctl(name, {"op": "clear"})
+    # The same sample size worked out here from blue's figures at the router.
+    since = time.time() - 30
+    stats = json.loads(get(cluster.nodes["router"].address, f"/stats?since={since}").body)
+    p1 = stats["blue"]["error_pct"] / 100
+    p2 = p1 + 0.01
+    expected = (1.96 + 0.84) ** 2 * (p1 * (1 - p1) + p2 * (1 - p2)) / 0.01**2
+    assert p1 > 0 and expected > 1000, stats  # errors on blue: more requests needed
+    cluster.wait_for(
+        lambda: abs(requests_needed(cluster) - expected) <= 0.15 * expected, 3, f"{expected:.0f}"
+    )
 
 
 def test_a_switch_moves_every_request_and_back(cluster: LocalCluster) -> None:
@@ -277,6 +306,49 @@ def test_a_cut_off_analysis_holds_the_weight(cluster: LocalCluster) -> None:
 # ---- the spec ----------------------------------------------------------------------------
 
 
+def blue_statuses(cluster: LocalCluster, since: float) -> Counter[int]:
+    return Counter(r["status"] for name in BLUE for r in cluster.events(name, "request", since))
+
+
+def test_an_expanded_schema_keeps_version_1_working_and_one_changed_in_place_breaks_it(
+    cluster: LocalCluster,
+) -> None:
+    try:
+        for how in ("expand", "in place"):
+            cluster.restart("db")  # every row back in version 1's shape
+            for name in GREEN:
+                configure(cluster, name, migration=how)
+            configure(cluster, "router", green_weight=100)
+            time.sleep(2)  # about 200 requests: version 2 migrates the rows it reads
+            configure(cluster, "router", green_weight=0)
+            time.sleep(0.5)
+            since = cluster.mark()
+            time.sleep(2)
+            statuses = blue_statuses(cluster, since)
+            rows = {r["shape"]: r["rows"] for r in table(cluster, "db", "rows")}
+            if how == "expand":
+                assert set(statuses) == {200}, statuses
+                assert rows["balance and balance_cents (expanded)"] >= 100, rows
+                assert rows["balance_cents only (version 2's)"] == 0, rows
+                continue
+            # One user in five or six was served by version 2: version 1 fails them now.
+            failed = statuses[500] / sum(statuses.values())
+            assert set(statuses) == {200, 500} and 0.08 <= failed <= 0.35, statuses
+            assert rows["balance_cents only (version 2's)"] >= 100, rows
+    finally:
+        cluster.restart("db")
+        for name in GREEN:
+            configure(cluster, name, migration="expand")
+
+
+def table(cluster: LocalCluster, node: str, table_id: str) -> list[dict[str, Any]]:
+    cluster.wait_for(
+        lambda: table_id in cluster.ctl(node, {"op": "state"})["observed"]["tables"], 3, table_id
+    )
+    rows: list[dict[str, Any]] = cluster.ctl(node, {"op": "state"})["observed"]["tables"][table_id]
+    return rows
+
+
 def test_the_spec_holds_the_numbers_the_chapter_uses(pattern: Pattern) -> None:
     assert [n.name for n in pattern.expand()] == NODES
     assert dict(pattern.params) == {
@@ -296,5 +368,6 @@ def test_the_spec_holds_the_numbers_the_chapter_uses(pattern: Pattern) -> None:
         "step_s": 30,
         "sticky": False,
         "bug": "none",
+        "migration": "expand",
         "rps": 40,
     }

@@ -43,7 +43,8 @@ def walk(lab: Lab) -> None:
     for service in SERVICES:
         lab.wait_event("issued", 0, timeout=20, node="ca", subject=service)
     calm = lab.watch(5, settle=1)  # reporting tries inventory every 3 s
-    assert calm.users().errors == 0 and calm.users().n > 0, calm.users()
+    checkouts = calm.series("checkout")  # the client's POST /checkout (not its CA calls)
+    assert checkouts.errors == 0 and checkouts.n > 0, checkouts
     assert calm.link("reporting", "inventory").error_pct == 100
     for src, dst in [("gateway", "orders"), ("orders", "inventory"), ("reporting", "orders")]:
         assert calm.link(src, dst).errors == 0, (src, dst)
@@ -78,7 +79,7 @@ def walk(lab: Lab) -> None:
     lab.control("audience", "billing")
     lab.wait_event("token_refused", mark, node="gateway", reason="meant for billing, not shop")
     billing = lab.watch(2, settle=2.5)
-    assert billing.users().error_pct == 100 and billing.link("gateway", "orders").n == 0
+    assert billing.series("checkout").error_pct == 100 and billing.link("gateway", "orders").n == 0
     lab.control("audience", "shop")
     for skew, words in [(120, "expired"), (-120, "ahead of this node's clock")]:
         mark = time.time()
@@ -88,9 +89,9 @@ def walk(lab: Lab) -> None:
         while not [t for t in lab.snapshot_texts("token_refused", mark) if words in t]:
             assert time.monotonic() < deadline, lab.snapshot_texts("token_refused", mark)
             time.sleep(0.2)
-        assert lab.watch(2, settle=2.5).users().error_pct == 100
+        assert lab.watch(2, settle=2.5).series("checkout").error_pct == 100
     lab.control("skew_node", "none")
-    assert lab.watch(2, settle=2.5).users().errors == 0  # refused tokens were renewed
+    assert lab.watch(2, settle=2.5).series("checkout").errors == 0  # refused tokens were renewed
     mark = time.time()
     lab.control("skew_s", 120)
     lab.control("skew_node", "ca")
@@ -100,7 +101,7 @@ def walk(lab: Lab) -> None:
     lab.control("skew_node", "none")
     lab.control("rotate", "none")
     lab.control("rotate", "orders")
-    assert lab.watch(2, settle=3).users().errors == 0
+    assert lab.watch(2, settle=3).series("checkout").errors == 0
     lab.control("rotate", "none")
 
     # 4. (the auditor, and each service skipping the user's check in turn) is the
@@ -111,18 +112,18 @@ def walk(lab: Lab) -> None:
     mark = time.time()
     lab.control("rotate", "orders")
     lab.wait_event("issued", mark, node="ca", subject="orders")
-    assert lab.watch(3).users().errors == 0
+    assert lab.watch(3).series("checkout").errors == 0
     lab.control("rotate", "none")
     mark = time.time()
     lab.control("revoke", "orders")
     refused = lab.wait_event("handshake_refused", mark, node="gateway", peer="orders")
     assert "revoked" in refused["data"]["reason"], refused
-    assert lab.watch(3).users().error_pct == 100
+    assert lab.watch(3).series("checkout").error_pct == 100
     mark = time.time()
     lab.fault("orders", "restart")
     lab.wait_event("issued", mark, timeout=20, node="ca", subject="orders")
     lab.control("revoke", "none")
-    assert lab.watch(3, settle=2).users().errors == 0
+    assert lab.watch(3, settle=2).series("checkout").errors == 0
 
     # 6. (the CA partitioned for less, then for longer than a certificate's lifetime) is
     # the experiment ca-outage, below.
@@ -166,7 +167,7 @@ def experiments(lab: Lab) -> None:
     assert lab.verdicts(run)["long-only"].correct
     steps = lab.steps(run)
     assert steps["long"].texts("expired"), "no certificate expired while the CA was away"
-    assert lab.watch(3, settle=4).users().errors == 0
+    assert lab.watch(3, settle=4).series("checkout").errors == 0
 
     # The intruder: refused under strict, denied under permissive, through with log only.
     run = lab.experiment("intruder", "yes")
@@ -191,7 +192,10 @@ def experiments(lab: Lab) -> None:
         "token_refused", mark, node="orders", reason="auditor lacks the scope orders:write"
     )
     steps = lab.steps(run, skip_s=1)
-    assert steps["gateway"].users().error_pct >= 90, steps["gateway"].users()
-    assert steps["orders"].users().errors == 0 and steps["inventory"].users().errors == 0
+    assert steps["gateway"].series("checkout").error_pct >= 90, steps["gateway"].series("checkout")
+    assert (
+        steps["orders"].series("checkout").errors == 0
+        and steps["inventory"].series("checkout").errors == 0
+    )
     users = {(r["caller"], r["user"]) for r in lab.table_rows("authz_inventory")}
     assert ("orders", "orders") in users, users  # orders's own authority, seen at inventory

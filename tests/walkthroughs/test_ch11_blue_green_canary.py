@@ -3,7 +3,10 @@ back costs no errors; a canary of a version that fails one request in five is ro
 at its first step, while the service-wide error % stays near 1%; a slow green replica
 rolls back the 25% step on p99 while p50 stays; a killed green replica is ejected and its
 refused requests go elsewhere, a paused one shows as 1-s timeouts; a cut-off analysis
-holds the weight; too few requests make a step wait. Then the pattern's two experiments.
+holds the weight; too few requests make a step wait; an in-place schema change breaks
+version 1 for the users version 2 served, an expanded one does not (step 9, through the
+experiment rollback-safety); the sample size a 1-point rise needs (step 8, at rest and
+through the experiment sample-size). Then the pattern's experiments.
 
 Shortened for CI: 5-second canary steps instead of 30, 80 requests a second in step 3 so
 the first step's 50 green requests come within seconds, faults of a few seconds.
@@ -57,6 +60,11 @@ def walk(lab: Lab) -> None:
     assert calm.series("green").n == 0 and calm.series("blue").n > 0
     for green in GREEN:
         assert calm.link("router", green).n == 0, green
+    # (Step 8, at rest: with blue failing nothing, a 1-point rise takes about 780 requests
+    # per version to see; with blue at 1%, the experiment sample-size.)
+    assert set(calm.gauge("analysis", "requests_needed")) == {777}, calm.gauge(
+        "analysis", "requests_needed"
+    )
 
     # 2. Switch to green: blue drains, no errors; and back.
     lab.control("green_weight", 100)
@@ -163,3 +171,21 @@ def experiments(lab: Lab) -> None:
     verdicts = lab.verdicts(run)
     assert not verdicts["one-step"].correct and not verdicts["never"].correct
     assert weight_now(lab) == 0  # the learner's settings again: all blue
+
+    # Step 8: with blue failing 1%, about 2,300 requests per version to see a 1-point rise.
+    run = lab.experiment("sample-size", "fifty")
+    m = run.measured
+    assert run.correct is False and 1500 <= m["last"] <= 3200, m
+    assert lab.verdicts(run)["two-thousand"].correct
+
+    # Step 9: going back after an expanded schema change is safe; after one in place,
+    # version 1 fails for the users version 2 served (25% of 80/s for 8 s: about one in
+    # seven of the 1000 users). The restore step restarts db: its backup, no errors.
+    run = lab.experiment("rollback-safety", "nothing")
+    m = run.measured
+    assert run.correct is False, m
+    assert m["expand_error_pct"] <= 1 and 5 <= m["inplace_error_pct"] <= 30, m
+    assert lab.verdicts(run)["some"].correct
+    steps = lab.steps(run, skip_s=1)
+    assert steps["in-place-back"].series("blue").error_pct >= 5, steps["in-place-back"]
+    assert lab.watch(3, settle=4).users().errors == 0

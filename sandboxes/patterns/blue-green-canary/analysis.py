@@ -11,13 +11,18 @@ step:
 - green's p99 may exceed blue's by at most ``params.max_p99_increase_ms``.
 
 Either breach rolls back (weight 0) at once. Too few requests: the step goes on until
-there are enough, since fewer prove nothing. If it cannot reach the router, it changes
+there are enough, since fewer prove nothing. How many would prove something, it says all
+the time (``requests_needed``): the requests each version must serve before a rise of
+``max_error_increase_pct`` points over blue's error rate of the last 30 s can be told from
+chance (at 95% confidence, 4 times in 5). If it cannot reach the router, it changes
 nothing: the router keeps the weight it has, and the canary waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from typing import Any
 
@@ -25,6 +30,17 @@ from sandboxes.runtime.node import CallError, Node
 
 ROUTER = "router"
 STEPS = (5, 25, 50, 100)
+BASELINE_S = 30  # blue's error rate for requests_needed: over the last 30 s
+Z_CONFIDENCE, Z_POWER = 1.96, 0.84  # 95% two-sided; a real rise seen 80% of the time
+
+
+def requests_needed(baseline_pct: float, rise_pct: float) -> int:
+    """Requests per version to tell an error rate of ``baseline_pct`` from one ``rise_pct``
+    points higher: the two-proportion sample size, n = (z_a + z_b)² (p1 q1 + p2 q2) / d²."""
+    p1 = min(max(baseline_pct / 100, 0.0), 1.0)
+    p2 = min(p1 + rise_pct / 100, 1.0)
+    spread = p1 * (1 - p1) + p2 * (1 - p2)
+    return math.ceil((Z_CONFIDENCE + Z_POWER) ** 2 * spread / (p2 - p1) ** 2)
 
 
 def setup(node: Node) -> None:
@@ -129,8 +145,18 @@ def setup(node: Node) -> None:
             node.gauge(gauge, 0)
         node.table("steps", rows)  # empty until a canary starts
         cut_off = False
+        tick = 0
         while True:
             await asyncio.sleep(0.5)
+            tick += 1
+            if tick % 2 == 0:  # once a second: how many requests would prove a rise
+                with contextlib.suppress(CallError, ValueError, KeyError):
+                    since = f"{time.time() - BASELINE_S:.3f}"
+                    reply = await node.call(ROUTER, "/stats", params={"since": since}, timeout=1)
+                    blue = reply.json()["blue"]
+                    if blue["requests"]:
+                        needed = requests_needed(blue["error_pct"], max_error_increase)
+                        node.gauge("requests_needed", needed)
             since = run["step_started"] or time.time()
             try:
                 reply = await node.call(
