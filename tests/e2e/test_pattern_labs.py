@@ -143,6 +143,7 @@ CASES = {
             "green-1",
             "green-2",
             "green-3",
+            "db",
         ),
         "Green weight",
         ("green-2", "kill"),

@@ -124,13 +124,13 @@ def test_the_analysis_says_how_many_requests_a_one_point_rise_takes_to_see(
 ) -> None:
     # Blue fails nothing: (1.96 + 0.84)^2 * 0.99% / (1%)^2 = 777 requests per version.
     cluster.wait_for(lambda: requests_needed(cluster) == 777, 5, "777 at rest")
-    for name in BLUE:  # 5% for 6 s of the last 30 s
+    for name in BLUE:  # 5% for 6 s of the last 20 s
         fault(cluster, name, kind="errors", rate=0.05, status=500)
     time.sleep(6)
     for name in BLUE:
         cluster.ctl(name, {"op": "clear"})
     # The same sample size worked out here from blue's figures at the router.
-    since = time.time() - 30
+    since = time.time() - 20
     stats = json.loads(get(cluster.nodes["router"].address, f"/stats?since={since}").body)
     p1 = stats["blue"]["error_pct"] / 100
     p2 = p1 + 0.01

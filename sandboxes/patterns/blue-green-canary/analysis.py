@@ -13,7 +13,7 @@ step:
 Either breach rolls back (weight 0) at once. Too few requests: the step goes on until
 there are enough, since fewer prove nothing. How many would prove something, it says all
 the time (``requests_needed``): the requests each version must serve before a rise of
-``max_error_increase_pct`` points over blue's error rate of the last 30 s can be told from
+``max_error_increase_pct`` points over blue's error rate of the last 20 s can be told from
 chance (at 95% confidence, 4 times in 5). If it cannot reach the router, it changes
 nothing: the router keeps the weight it has, and the canary waits.
 """
@@ -30,7 +30,7 @@ from sandboxes.runtime.node import CallError, Node
 
 ROUTER = "router"
 STEPS = (5, 25, 50, 100)
-BASELINE_S = 30  # blue's error rate for requests_needed: over the last 30 s
+BASELINE_S = 20  # blue's error rate for requests_needed: over the last 20 s
 Z_CONFIDENCE, Z_POWER = 1.96, 0.84  # 95% two-sided; a real rise seen 80% of the time
 
 
