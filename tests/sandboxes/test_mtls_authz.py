@@ -387,7 +387,7 @@ def test_the_spec_holds_the_numbers_the_chapter_uses(pattern: Pattern) -> None:
     assert controls["policy"].choices == ("enforce", "log only")
     assert (controls["intruder"].kind, controls["intruder"].default) == ("toggle", False)
     for revoke_or_rotate in ("revoke", "rotate"):
-        assert set(controls[revoke_or_rotate].choices) == {"none", *WORKLOADS} - {"auditor"}
+        assert set(controls[revoke_or_rotate].choices) == {"none", *WORKLOADS}
     assert (controls["auditor"].kind, controls["auditor"].default) == ("toggle", False)
     assert controls["deputy"].choices == ("none", "gateway", "orders", "inventory")
     assert controls["audience"].choices == ("shop", "billing")
