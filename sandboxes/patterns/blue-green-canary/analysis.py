@@ -38,7 +38,9 @@ def requests_needed(baseline_pct: float, rise_pct: float) -> int:
     """Requests per version to tell an error rate of ``baseline_pct`` from one ``rise_pct``
     points higher: the two-proportion sample size, n = (z_a + z_b)² (p1 q1 + p2 q2) / d²."""
     p1 = min(max(baseline_pct / 100, 0.0), 1.0)
-    p2 = min(p1 + rise_pct / 100, 1.0)
+    p2 = p1 + rise_pct / 100
+    if p2 > 1.0:  # blue already fails (nearly) everything: no rise left to see
+        p1, p2 = 1.0 - rise_pct / 100, 1.0
     spread = p1 * (1 - p1) + p2 * (1 - p2)
     return math.ceil((Z_CONFIDENCE + Z_POWER) ** 2 * spread / (p2 - p1) ** 2)
 
