@@ -68,6 +68,7 @@ INSTALLED_APPS = [
     "apps.courses",
     "apps.labs",
     "apps.classrooms",
+    "apps.lti",
 ]
 
 MIDDLEWARE = [

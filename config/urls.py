@@ -10,6 +10,7 @@ urlpatterns = [
     path("accounts/", include("apps.accounts.urls")),
     path("sandboxes/", include("apps.labs.urls")),
     path("classrooms/", include("apps.classrooms.urls")),
+    path("lti/", include("apps.lti.urls")),
     path("admin/", admin.site.urls),
     path("readyz", views.readyz, name="readyz"),
 ]
