@@ -30,6 +30,14 @@ class PlatformForm(forms.ModelForm[Platform]):
             "active",
         ]
         widgets = {"deployment_ids": forms.Textarea(attrs={"rows": 2})}
+        labels = {
+            "client_id": "Client id",
+            "deployment_ids": "Deployment ids",
+            "auth_login_url": "Authentication (login) URL",
+            "auth_token_url": "Access token URL",
+            "auth_audience": "Token audience",
+            "key_set_url": "Keyset URL",
+        }
 
     def clean_deployment_ids(self) -> str:
         ids = [line.strip() for line in self.cleaned_data["deployment_ids"].splitlines()]

@@ -6,6 +6,7 @@ Distlab through Django's test client, as a browser would carry them."""
 
 from __future__ import annotations
 
+import html
 import json
 import secrets
 import threading
@@ -60,6 +61,8 @@ class Lms:
     scores: list[dict[str, Any]] = field(default_factory=list)  # posted to the line item
     refusals: list[str] = field(default_factory=list)  # why a token request was refused
     fail_scores: bool = False
+    tool: str = "http://testserver"  # Distlab's base URL, for the pages a browser opens
+    deep_links: list[str] = field(default_factory=list)  # answers posted back to the LMS
 
     @property
     def issuer(self) -> str:
@@ -162,6 +165,58 @@ class Lms:
         token = self.id_token(claims.pop("nonce", nonce), **claims)
         return client.post("/lti/launch/", {"id_token": token, "state": state}, secure=secure)
 
+    # --- pages a real browser goes through ----------------------------------------------
+
+    def course_page(self, query: dict[str, str]) -> str:
+        """A course page with the platform's "open the tool" button: the third-party
+        initiated login, posted to Distlab. Who launches travels in the login hint."""
+        hint = "|".join(
+            query.get(k, d)
+            for k, d in (
+                ("sub", "lms-user-1"),
+                ("role", "learner"),
+                ("kind", "link"),
+                ("chapter", ""),
+                ("tamper", ""),
+            )
+        )
+        fields = {
+            "iss": self.issuer,
+            "login_hint": hint,
+            "target_link_uri": f"{self.tool}/lti/launch/",
+            "client_id": self.client_id,
+            "lti_message_hint": "message-hint-1",
+        }
+        inputs = "".join(
+            f'<input type="hidden" name="{k}" value="{html.escape(v)}">' for k, v in fields.items()
+        )
+        return (
+            "<!doctype html><title>Distributed Systems 101</title><h1>Distributed Systems 101</h1>"
+            f'<form method="post" action="{self.tool}/lti/login/">{inputs}'
+            "<button>Open Distlab</button></form>"
+        )
+
+    def auth_page(self, query: dict[str, str]) -> str:
+        """The platform's OIDC authorization: it signs the launch for the hinted user and
+        posts it to the redirect URI, as LMSs do, with an auto-submitting form."""
+        sub, role, kind, chapter, tamper = (query["login_hint"].split("|") + [""] * 5)[:5]
+        custom = {"chapter": chapter} if chapter else None
+        token = self.id_token(
+            query["nonce"],
+            sub=sub,
+            roles=(INSTRUCTOR,) if role == "instructor" else (LEARNER,),
+            message_type="LtiDeepLinkingRequest" if kind == "deep" else "LtiResourceLinkRequest",
+            custom=custom,
+            key=rsa_key()[0] if tamper else None,
+        )
+        return (
+            "<!doctype html><title>Signing you in</title>"
+            f'<form method="post" action="{html.escape(query["redirect_uri"])}">'
+            f'<input type="hidden" name="id_token" value="{token}">'
+            f'<input type="hidden" name="state" value="{html.escape(query["state"])}"></form>'
+            "<script>document.forms[0].submit()</script>"
+        )
+
     # --- the platform's endpoints -------------------------------------------------------
 
     def jwk(self) -> dict[str, Any]:
@@ -197,7 +252,9 @@ class Lms:
 
 
 @contextmanager
-def serve_lms() -> Iterator[Lms]:
+def serve_lms(host: str = "127.0.0.1") -> Iterator[Lms]:
+    """The platform on a free loopback port; ``host`` is the name pages use for it (the
+    browser test names it as the live server is named, so both are one site)."""
     private, public = rsa_key()
     holder: dict[str, Lms] = {}
 
@@ -213,9 +270,23 @@ def serve_lms() -> Iterator[Lms]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _page(self, body: str) -> None:
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_GET(self) -> None:
-            if self.path == "/jwks":
+            url = urlparse(self.path)
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            if url.path == "/jwks":
                 self._answer(200, {"keys": [holder["p"].jwk()]})
+            elif url.path == "/course":
+                self._page(holder["p"].course_page(query))
+            elif url.path == "/auth":
+                self._page(holder["p"].auth_page(query))
             else:
                 self._answer(404, {})
 
@@ -225,6 +296,9 @@ def serve_lms() -> Iterator[Lms]:
             if self.path == "/token":
                 form = {k: v[0] for k, v in parse_qs(body).items()}
                 self._answer(*lms.token(form))
+            elif self.path == "/deep-link-return":
+                lms.deep_links.append(parse_qs(body)["JWT"][0])
+                self._page("<!doctype html><title>Added</title><h1>Added to your course</h1>")
             elif self.path == urlparse(lms.lineitem).path + "/scores":
                 bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
                 if bearer not in lms.tokens:
@@ -243,7 +317,7 @@ def serve_lms() -> Iterator[Lms]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     holder["p"] = Lms(
-        base=f"http://127.0.0.1:{server.server_address[1]}", private_key=private, public_key=public
+        base=f"http://{host}:{server.server_address[1]}", private_key=private, public_key=public
     )
     try:
         yield holder["p"]
