@@ -1,5 +1,8 @@
 """Run the telemetry supervisor until SIGTERM or SIGINT (the classroom stack's
-``supervisor`` service; ``make run`` starts it inside the web process instead)."""
+``supervisor`` service; ``make run`` starts it inside the web process instead).
+
+One supervisor is active per installation (``apps.labs.lease``): a second one started
+by mistake, or kept as a standby, waits and takes over when the active one ends."""
 
 from __future__ import annotations
 
@@ -13,7 +16,11 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.labs.engine import get_engine
+from apps.labs.lease import Lease
 from apps.labs.supervisor import Supervisor
+
+STANDBY_POLL_S = 1.0  # how often a standby asks for the lease
+LEASE_CHECK_S = 2.0  # how often the active one checks it still holds it
 
 
 class Command(BaseCommand):
@@ -47,5 +54,41 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, on_signal)
         engine = get_engine()
         self.stdout.write(f"supervisor: {engine.name} engine, a frame every {interval} s")
-        Supervisor(engine, layer, interval=interval).run(stop)
+        lease = Lease("supervisor")
+        try:
+            while not stop.is_set():
+                if not lease.acquire():
+                    self._say("standby: another supervisor is active; taking over when it ends")
+                    stop.wait(STANDBY_POLL_S)
+                    continue
+                self._say("active")
+                lost = threading.Event()
+                watchdog = threading.Thread(
+                    target=self._watch_lease, args=(lease, stop, lost), daemon=True
+                )
+                watchdog.start()
+                Supervisor(engine, layer, interval=interval).run(lost)
+                watchdog.join()
+                if not stop.is_set():
+                    self._say("lease lost (the database went away?): supervising stopped")
+                    lease.release()
+        finally:
+            lease.release()
         self.stdout.write("supervisor: stopped")
+
+    _said = ""
+
+    def _say(self, state: str) -> None:
+        """A state change, once (a standby does not repeat itself every second)."""
+        if state != self._said:
+            self._said = state
+            self.stdout.write(f"supervisor: {state}")
+            self.stdout.flush()
+
+    @staticmethod
+    def _watch_lease(lease: Lease, stop: threading.Event, lost: threading.Event) -> None:
+        """Sets ``lost`` when told to stop or when the lease is no longer ours."""
+        while not stop.wait(LEASE_CHECK_S):
+            if not lease.held():
+                break
+        lost.set()
