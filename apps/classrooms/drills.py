@@ -36,6 +36,7 @@ from apps.labs.measures import MEASURES, MeasureError, TelemetryMissing, Timelin
 from apps.labs.models import Sandbox
 from apps.labs.patterns import PatternError, load_pattern
 from apps.labs.supervisor import snapshot_cache_key
+from config.tasks import queue_task
 
 log = logging.getLogger(__name__)
 DRILLS_PER_MINUTE = 3
@@ -134,7 +135,7 @@ def drill_start(
             from apps.classrooms.tasks import drill_inject_task
 
             drill_id = drill.pk
-            transaction.on_commit(lambda: drill_inject_task.delay(drill_id))
+            transaction.on_commit(lambda: queue_task(drill_inject_task, drill_id))
     log.info(
         "drill %s by %s: %s on %s in %d %s sandboxes",
         drill.pk, by.username, kind, node, len(targets), pattern,
@@ -192,7 +193,7 @@ def drill_inject(*, drill_id: int, enqueue: bool = True) -> Drill:
     if enqueue:
         from apps.classrooms.tasks import drill_measure_task
 
-        drill_measure_task.apply_async((drill.pk,), countdown=drill.duration + SETTLE_S + 1)
+        queue_task(drill_measure_task, drill.pk, countdown=drill.duration + SETTLE_S + 1)
     return drill
 
 

@@ -38,6 +38,7 @@ from apps.labs.measures import MEASURES, MeasureError, TelemetryMissing, Timelin
 from apps.labs.models import ExperimentRun, Sandbox
 from apps.labs.patterns import Action, Experiment, Pattern, PatternError, load_pattern
 from apps.labs.supervisor import snapshot_cache_key
+from config.tasks import queue_task
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,9 @@ def experiment_start(
 
             run_id = run.pk
             watchdog = experiment.duration_s + CHECK_TIMEOUT_S + STEP_GRACE_S
-            transaction.on_commit(lambda: experiment_step_task.delay(run_id, 0))
+            transaction.on_commit(lambda: queue_task(experiment_step_task, run_id, 0))
             transaction.on_commit(
-                lambda: experiment_check_task.apply_async((run_id,), countdown=watchdog)
+                lambda: queue_task(experiment_check_task, run_id, countdown=watchdog)
             )
     return run
 
@@ -330,13 +331,11 @@ def _queue_after(run: ExperimentRun, experiment: Experiment, index: int) -> None
     countdown = experiment.steps[index].duration_s
     if index + 1 < len(experiment.steps):
         transaction.on_commit(
-            lambda: experiment_step_task.apply_async((run_id, index + 1), countdown=countdown)
+            lambda: queue_task(experiment_step_task, run_id, index + 1, countdown=countdown)
         )
     else:
         transaction.on_commit(
-            lambda: experiment_check_task.apply_async(
-                (run_id,), countdown=countdown + CHECK_DELAY_S
-            )
+            lambda: queue_task(experiment_check_task, run_id, countdown=countdown + CHECK_DELAY_S)
         )
 
 

@@ -26,6 +26,7 @@ from apps.labs.engine import EngineError, get_engine
 from apps.labs.engine.base import NodeNotFound, NodeSpec, SandboxSpec
 from apps.labs.models import ACTIVE_STATES, TRANSITIONS, Fault, Node, Sandbox
 from apps.labs.patterns import Pattern, PatternError, load_pattern
+from config.tasks import queue_task
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def sandbox_launch(*, user: User, pattern_id: str, enqueue: bool = True) -> Sand
             from apps.labs.tasks import sandbox_launch_task
 
             sandbox_id = sandbox.hex
-            transaction.on_commit(lambda: sandbox_launch_task.delay(sandbox_id))
+            transaction.on_commit(lambda: queue_task(sandbox_launch_task, sandbox_id))
     return sandbox
 
 
@@ -327,7 +328,7 @@ def sandbox_stop(*, sandbox: Sandbox, reason: str = "", enqueue: bool = True) ->
             from apps.labs.tasks import sandbox_stop_task
 
             sandbox_id = sandbox.hex
-            transaction.on_commit(lambda: sandbox_stop_task.delay(sandbox_id))
+            transaction.on_commit(lambda: queue_task(sandbox_stop_task, sandbox_id))
     return sandbox
 
 
@@ -419,7 +420,7 @@ def sandbox_reap(*, enqueue: bool = True) -> ReapReport:
         if enqueue:
             from apps.labs.tasks import sandbox_launch_task
 
-            sandbox_launch_task.delay(sandbox.hex)
+            queue_task(sandbox_launch_task, sandbox.hex)
     # A stop whose task was lost (a worker died, the broker lost it) would hold the
     # learner's quota forever: finish it here once it has had time to finish by itself.
     stuck = now - timedelta(seconds=settings.SANDBOX_LAUNCH_TIMEOUT * 2)
@@ -567,7 +568,7 @@ def fault_inject(
 
             fault_id = fault.pk
             transaction.on_commit(
-                lambda: fault_revert_task.apply_async((fault_id,), countdown=seconds)
+                lambda: queue_task(fault_revert_task, fault_id, countdown=seconds)
             )
     return fault
 

@@ -32,6 +32,7 @@ from apps.labs.models import ExperimentRun
 from apps.labs.selectors import experiment_results_for_users
 from apps.lti.conf import registration
 from apps.lti.models import ScoreLink
+from config.tasks import queue_task
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 10
@@ -66,7 +67,7 @@ def score_changed(*, user_id: int, chapter_id: int) -> None:
         return
     from apps.lti.tasks import send_scores_task
 
-    transaction.on_commit(lambda: send_scores_task.delay(user_id, chapter_id))
+    transaction.on_commit(lambda: queue_task(send_scores_task, user_id, chapter_id))
 
 
 class SendFailed(Exception):

@@ -282,7 +282,12 @@ def test_a_compromised_node_speaks_only_for_itself_and_cannot_stop_the_pipeline(
         assert frame["ts"] < time.time() + 5
         assert frame["nodes"]["lb"]["role"] == "balancer"
         assert frame["nodes"]["replica-1"]["role"] == "replica"
-        assert frame["nodes"]["lb"]["error_pct"] == 0.0  # the 200 failed "lb" calls are not lb's
+        # The 200 failed "lb" calls are not lb's: as lb's they would make nearly all of its
+        # calls to replica-3 in the window fail (a loaded machine may fail a few real ones
+        # while the replicas start, so the bound is not zero).
+        lb_to_3 = frame["links"].get("lb>replica-3")
+        assert lb_to_3 is None or lb_to_3["error_pct"] < 50, lb_to_3
+        assert frame["nodes"]["lb"]["error_pct"] < 50
         assert running.supervisor.followers(sandbox.hex) == dict.fromkeys(
             ["replica-1", "replica-2", "replica-3", "lb", "traffic"], True
         )

@@ -74,9 +74,7 @@ def test_one_supervisor_is_active_and_its_standby_takes_over(
     local_engine: Engine, settings, processes: list[Process]
 ) -> None:  # type: ignore[no-untyped-def]
     User.objects.create_user(username="op", password="x")
-    call_command(
-        "sandbox", "launch", "replicated-lb", "--user", "op", "--wait", stdout=StringIO()
-    )
+    call_command("sandbox", "launch", "replicated-lb", "--user", "op", "--wait", stdout=StringIO())
     sandbox = Sandbox.objects.get()
     assert sandbox.state == Sandbox.State.RUNNING
     env = {
