@@ -25,6 +25,7 @@ from apps.accounts.models import User
 from apps.labs.engine import EngineError, get_engine
 from apps.labs.engine.base import NodeNotFound, NodeSpec, SandboxSpec
 from apps.labs.models import ACTIVE_STATES, TRANSITIONS, Fault, Node, Sandbox
+from apps.labs.node_status import status_forget
 from apps.labs.patterns import Pattern, PatternError, load_pattern
 from config.tasks import queue_task
 
@@ -580,6 +581,7 @@ def _apply(engine: Any, sandbox_id: str, name: str, kind: str, params: dict[str,
             raise SandboxError(f"Node {name} refused the fault: {reply.get('error')}")
     else:
         getattr(engine, kind)(sandbox_id, name)
+        status_forget(sandbox_id)
 
 
 def fault_revert(*, fault_id: int) -> Fault | None:
@@ -627,11 +629,14 @@ def _undo(fault: Fault) -> None:
         return  # the node stays paused, killed or cut off until its last fault ends
     elif fault.kind == "kill":
         engine.restart(sandbox_id, name)
+        status_forget(sandbox_id)
         _after_restart(fault.sandbox, name)
     elif fault.kind == "pause":
         engine.resume(sandbox_id, name)
+        status_forget(sandbox_id)
     elif fault.kind == "partition":
         engine.heal(sandbox_id, name)
+        status_forget(sandbox_id)
 
 
 def fault_revert_due() -> list[int]:
@@ -751,6 +756,7 @@ def sandbox_scale(*, sandbox: Sandbox, role: str, count: int) -> dict[str, Any]:
     for name in leaving:
         engine.remove_node(sandbox.hex, name)
         Node.objects.filter(sandbox=sandbox, name=name).delete()
+    status_forget(sandbox.hex)
     # Only the new nodes: one that a fault has killed meanwhile is not waited for.
     _wait_ready(sandbox, sandbox_spec(sandbox=sandbox, pattern=pattern), names=set(wanted) - have)
     _push_peers(sandbox)

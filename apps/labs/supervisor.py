@@ -34,6 +34,7 @@ from django.db import close_old_connections, connections
 
 from apps.labs.engine.base import Engine, EngineError
 from apps.labs.models import Fault, Sandbox
+from apps.labs.node_status import status_cache_key, status_store
 from apps.labs.patterns import PatternError, load_pattern
 from apps.labs.telemetry import Aggregator, NodeView, parse_line
 
@@ -188,6 +189,7 @@ class Supervisor:
             except EngineError as exc:
                 log.warning("status of sandbox %s failed: %s", sandbox_id, exc)
                 continue
+            status_store(sandbox_id, statuses)  # the sandbox panel's node list reads it
             views = [NodeView(s.name, s.role, s.state, s.exit_code) for s in statuses]
             self._send_events(
                 sandbox_id,
@@ -274,7 +276,13 @@ class Supervisor:
             Sandbox.objects.filter(pk=sandbox_id).values_list("state", flat=True).first() or "gone"
         )
         self._send_events(sandbox_id, [watched.aggregator.ended(now=time.time(), state=state)])
-        cache.delete_many([snapshot_cache_key(sandbox_id), inspect_cache_key(sandbox_id)])
+        cache.delete_many(
+            [
+                snapshot_cache_key(sandbox_id),
+                inspect_cache_key(sandbox_id),
+                status_cache_key(sandbox_id),
+            ]
+        )
         log.info("stopped supervising sandbox %s (%s)", sandbox_id, state)
 
     # --- publishing --------------------------------------------------------------------

@@ -17,6 +17,7 @@ from apps.courses.content import highlight_code
 from apps.labs import selectors, services
 from apps.labs.engine import EngineError, get_engine
 from apps.labs.models import Fault, Sandbox
+from apps.labs.node_status import node_statuses
 from apps.labs.patterns import Pattern, PatternError, load_pattern, pattern_ids, program_path
 
 PANEL = "labs/sandbox.html#panel"
@@ -51,7 +52,7 @@ def panel_context(
         engine = get_engine()
         isolated = engine.isolated
         if sandbox is not None and sandbox.state == Sandbox.State.RUNNING:
-            nodes = engine.status(sandbox.hex)
+            nodes = node_statuses(engine, sandbox.hex)  # the supervisor's, if fresh
     except EngineError as exc:
         engine_error = str(exc)
     minutes_left = None

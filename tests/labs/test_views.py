@@ -416,3 +416,45 @@ def test_launches_and_faults_are_rate_limited_per_user_with_a_reason(
     # Another learner has their own allowance.
     html = client_for(other_learner).post(launch, HTTP_HX_REQUEST="true").content.decode()
     assert "in the last minute" not in html
+
+
+def test_the_panel_reads_node_states_the_supervisor_saw_not_the_engine(
+    sandbox: Sandbox, learner: User, local_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page with a running sandbox does not ask the engine while the supervisor's view is
+    fresh; a learner's kill forgets it, so the next page shows the node down at once; a
+    stale view (no supervisor) falls back to the engine."""
+    from apps.labs import node_status
+
+    node_status.status_store(sandbox.hex, local_engine.status(sandbox.hex))
+    asked: list[str] = []
+    real_status = local_engine.status
+
+    def counted(sandbox_id: str):  # type: ignore[no-untyped-def]
+        asked.append(sandbox_id)
+        return real_status(sandbox_id)
+
+    monkeypatch.setattr(local_engine, "status", counted)
+    browser = client_for(learner)
+    url = reverse("labs:sandbox", args=[sandbox.hex])
+
+    def node_state(html: str, name: str) -> str:
+        found = re.search(rf'data-node="{name}"><code>{name}</code>.*?node-state">([^<]+)<', html)
+        assert found is not None
+        return found[1]
+
+    assert node_state(browser.get(url).content.decode(), "replica-2") == "running"
+    assert asked == []
+
+    services.fault_inject(
+        sandbox=sandbox, user=learner, node_name="replica-2", kind="kill", params={}, enqueue=False
+    )
+    asked.clear()
+    assert node_state(browser.get(url).content.decode(), "replica-2") != "running"
+    assert asked == [sandbox.hex]  # forgotten by the kill: the engine was asked
+
+    monkeypatch.setattr(node_status, "FRESH_S", -1.0)  # the supervisor is gone: stale
+    node_status.status_store(sandbox.hex, real_status(sandbox.hex))
+    asked.clear()
+    browser.get(url)
+    assert asked == [sandbox.hex]
