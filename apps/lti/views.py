@@ -100,6 +100,11 @@ REFUSALS = (
         "Distlab. The school's admin adds its deployment id at /lti/.",
     ),
     ("Error during fetch", "Distlab could not fetch the LMS's public keys to check the launch."),
+    (
+        "cookie",
+        "Your browser did not send back the cookie Distlab set when this launch began "
+        "(it blocks them in frames or from other sites). Set the tool to open in a new window.",
+    ),
 )
 
 

@@ -58,6 +58,13 @@ def test_over_https_the_launch_cookies_work_across_sites(lms: Lms, browser: Clie
     assert state and state[0]["samesite"] == "None" and state[0]["secure"]
 
 
+def test_over_https_a_browser_that_drops_the_cookies_is_told_why(lms: Lms, browser: Client) -> None:
+    state, nonce = lms.login(browser, secure=True)
+    framed = Client(enforce_csrf_checks=True)  # as a browser blocking cross-site cookies
+    post = {"id_token": lms.id_token(nonce), "state": state}
+    refused(framed.post("/lti/launch/", post, secure=True), "open in a new window")
+
+
 def test_a_signed_in_learner_links_their_account(lms: Lms, learner: User) -> None:
     browser = client_for(learner)
     assert lms.launch(browser)["Location"] == "/lti/welcome/"
