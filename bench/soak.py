@@ -19,6 +19,9 @@ close, with the same backoff), then for a few minutes injects random faults on r
 nodes, ends some early, changes live controls, starts experiments with a prediction and
 reloads pages; then stops the sandbox, waits for it to be gone, and launches again.
 
+A platform process that exits by itself is started again, as the classroom stack's
+``restart: unless-stopped`` does, and counted as a crash (with the end of its log).
+
 Every ``--fault-every`` seconds (on average, randomly 0.5 to 1.5 times that) a platform
 fault hits one of the processes the soak started: ``supervisor`` (SIGKILL, started again),
 ``worker`` (SIGKILL to the worker and its pool while a launch, stop or experiment is in
@@ -118,6 +121,8 @@ class Figures:
     action_ms: list[float] = field(default_factory=list)
     launch_s: list[float] = field(default_factory=list)
     stall_s: list[float] = field(default_factory=list)
+    stall_onsets_s: list[int] = field(default_factory=list)  # since the start of the run
+    started: float = 0.0
 
 
 @dataclass
@@ -333,6 +338,7 @@ class Learner:
                             if silent_since is None:
                                 silent_since = now - STALL_S
                                 figures.counts["ws_stalls"] += 1
+                                figures.stall_onsets_s.append(round(silent_since - figures.started))
                             if now - silent_since >= RELOAD_AFTER_S:
                                 figures.stall_s.append(now - silent_since)
                                 figures.counts["ws_reloads_after_stall"] += 1
@@ -907,6 +913,7 @@ def main() -> None:
         plan = make_plan(args.pattern)
         keys = [lab.cookie(lab.user(f"learner-{n}")).split("=", 1)[1] for n in range(args.learners)]
         sampler = Sampler(lab, time.monotonic())
+        figures.started = sampler.started
         watchdog = Watchdog(lab, sampler.started)
 
         async def run() -> None:  # the watchdog's lock belongs to this loop
@@ -973,6 +980,7 @@ def main() -> None:
         "ws_stalls": counts["ws_stalls"],
         "ws_reloads_after_stall": counts["ws_reloads_after_stall"],
         "ws_stall_p95_s": percentile(figures.stall_s, 95),
+        "ws_stall_onsets_s": figures.stall_onsets_s[:20],
         "learners_crashed": counts["learners_crashed"],
         "stops_not_done_in_3_min": counts["stops_not_done_in_3_min"],
         "sandboxes_active_after_the_end": still_active,
