@@ -38,7 +38,8 @@ for one more housekeeping round, then counts what is left. Figures:
 - faults injected by learners (and refused, with reasons), faults of the run (learners'
   and experiments') reverted and left active; experiment runs by outcome;
 - page p50/p95 (full pages: chapter and course home) and action p95 (form posts), as the
-  learner's client times them; requests that found the web server down; 5xx answers;
+  learner's client times them; requests that found the web server down; 5xx answers
+  (each with the message the learner was shown, if any);
 - WebSocket connects, reconnects, close codes, stalls (an open socket with no message for
   10 s while its sandbox runs: the page shows "Stream paused"; after 60 s of silence the
   learner reloads, counted as ``ws_reloads_after_stall``);
@@ -207,10 +208,11 @@ class Learner:
                 await asyncio.sleep(min(5.0, 0.5 * 2**attempt))
                 continue
             elapsed = (time.perf_counter() - started) * 1000
-            if status >= 500:
-                self.figures.server_errors[f"{status} {method} {_route(path)}"] += 1
-                await asyncio.sleep(min(5.0, 0.5 * 2**attempt))
-                continue
+            if status >= 500:  # answered, but not done: with a message for the learner?
+                alert = " ".join(a.strip() for a in ALERT.findall(text) if a.strip())
+                shown = f": {_reason(alert)[:100]}" if alert else " (no message)"
+                self.figures.server_errors[f"{status} {method} {_route(path)}{shown}"] += 1
+                return status, text
             if kind == "page":
                 self.figures.page_ms.append(elapsed)
             elif kind == "action":
@@ -289,8 +291,9 @@ class Learner:
         deadline = started + LAUNCH_WAIT_S
         while state in {"requested", "starting"} and time.monotonic() < deadline:
             await asyncio.sleep(1.0)  # the panel polls every second
-            _status, panel = await self.request("GET", f"/sandboxes/{self.sandbox}/", kind="poll")
-            state = _text(STATE.search(panel))
+            status, answer = await self.request("GET", f"/sandboxes/{self.sandbox}/", kind="poll")
+            if status < 500:  # htmx keeps the panel on an error, and polls again
+                panel, state = answer, _text(STATE.search(answer))
         if state == "running":
             figures.counts["sandboxes_launched"] += 1
             figures.launch_s.append(time.monotonic() - started)
@@ -357,7 +360,7 @@ class Learner:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 figures.ws_closes[f"connect failed: {type(exc).__name__}"] += 1
                 code = -1
-            if not reload:
+            if not reload and code != -1:
                 figures.ws_closes[str(code)] += 1
             if code == 4410:
                 self.ended_by_server = True
@@ -464,8 +467,9 @@ class Learner:
         deadline = time.monotonic() + STOP_WAIT_S
         while state not in ENDED_STATES and time.monotonic() < deadline:
             await asyncio.sleep(1.0)
-            _status, text = await self.request("GET", f"/sandboxes/{self.sandbox}/", kind="poll")
-            state = _text(STATE.search(text))
+            status, text = await self.request("GET", f"/sandboxes/{self.sandbox}/", kind="poll")
+            if status < 500:
+                state = _text(STATE.search(text))
         if state not in ENDED_STATES:
             self.figures.counts["stops_not_done_in_3_min"] += 1
 
