@@ -120,6 +120,9 @@ class Figures:
     ended_unasked: collections.Counter[str] = field(default_factory=collections.Counter)
     page_ms: list[float] = field(default_factory=list)
     action_ms: list[float] = field(default_factory=list)
+    action_ms_by_route: dict[str, list[float]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
     launch_s: list[float] = field(default_factory=list)
     stall_s: list[float] = field(default_factory=list)
     stall_onsets_s: list[int] = field(default_factory=list)  # since the start of the run
@@ -217,6 +220,7 @@ class Learner:
                 self.figures.page_ms.append(elapsed)
             elif kind == "action":
                 self.figures.action_ms.append(elapsed)
+                self.figures.action_ms_by_route[_route(path)].append(elapsed)
             return status, text
         raise WebDown(path)
 
@@ -976,6 +980,9 @@ def main() -> None:
         "page_p50_ms": percentile(figures.page_ms, 50),
         "page_p95_ms": percentile(figures.page_ms, 95),
         "action_p95_ms": percentile(figures.action_ms, 95),
+        "action_p95_ms_by_route": {
+            route: percentile(ms, 95) for route, ms in sorted(figures.action_ms_by_route.items())
+        },
         "requests_web_down": counts["requests_web_down"],
         "server_errors": dict(figures.server_errors.most_common(8)),
         "ws_connects": counts["ws_connects"],
