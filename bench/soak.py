@@ -63,6 +63,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import html
 import json
 import os
 import random
@@ -147,7 +148,7 @@ def reconnect_delay(retries: int) -> float:
 
 
 def _text(match: re.Match[str] | None) -> str:
-    return match[1].strip() if match else ""
+    return html.unescape(match[1]).strip() if match else ""
 
 
 def _reason(message: str) -> str:
@@ -212,7 +213,7 @@ class Learner:
                 continue
             elapsed = (time.perf_counter() - started) * 1000
             if status >= 500:  # answered, but not done: with a message for the learner?
-                alert = " ".join(a.strip() for a in ALERT.findall(text) if a.strip())
+                alert = " ".join(html.unescape(a).strip() for a in ALERT.findall(text) if a.strip())
                 shown = f": {_reason(alert)[:100]}" if alert else " (no message)"
                 self.figures.server_errors[f"{status} {method} {_route(path)}{shown}"] += 1
                 return status, text
@@ -305,7 +306,7 @@ class Learner:
             self.nodes = OPTION.findall(select[1]) if select else []
             self.ended_by_server = False
             return True
-        alert = " ".join(a.strip() for a in ALERT.findall(panel) if a.strip())
+        alert = " ".join(html.unescape(a).strip() for a in ALERT.findall(panel) if a.strip())
         if state in {"requested", "starting"}:
             figures.launch_failures[f"still {state} after {LAUNCH_WAIT_S:.0f} s"] += 1
             figures.unexplained.append(f"{self.sandbox[:8]} still {state} after 5 minutes")
@@ -383,7 +384,7 @@ class Learner:
         state = _text(STATE.search(text))
         if state == "running":
             return False
-        alert = " ".join(a.strip() for a in ALERT.findall(text) if a.strip())
+        alert = " ".join(html.unescape(a).strip() for a in ALERT.findall(text) if a.strip())
         self.figures.ended_unasked[f"{state}: {_reason(alert) or '(no message)'}"] += 1
         return True
 
