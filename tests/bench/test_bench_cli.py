@@ -17,7 +17,7 @@ SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))
 
 
 def test_there_are_benchmarks() -> None:
-    assert {p.name for p in SCRIPTS} >= {"launch.py", "capacity.py"}
+    assert {p.name for p in SCRIPTS} >= {"launch.py", "capacity.py", "soak.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
