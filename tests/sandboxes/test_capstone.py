@@ -134,6 +134,7 @@ def test_a_killed_api_replica_costs_about_a_second_of_errors(cluster: LocalClust
 
 
 def test_a_slow_recommender_the_bulkhead_and_the_breaker(cluster: LocalCluster) -> None:
+    isolated_p99 = 0.0  # orders' p99 with the bulkhead on (measured first)
     for bulkhead in (True, False):
         for name in APIS:
             configure(cluster, name, bulkhead=bulkhead)
@@ -149,8 +150,10 @@ def test_a_slow_recommender_the_bulkhead_and_the_breaker(cluster: LocalCluster) 
         print(f"bulkhead {bulkhead}: orders' p99 {p99(orders):.0f} ms")
         if bulkhead:  # recommender calls wait in their compartment: orders never do
             assert p99(orders) < 200, orders
+            isolated_p99 = p99(orders)
         else:  # they wait for workers held by recommender calls, until the breaker opens
-            assert p99(orders) > 200, orders
+            # (how long they wait moves with how soon it opens: 121 to 410 ms seen)
+            assert p99(orders) > max(100, 3 * isolated_p99), (isolated_p99, orders)
         half = cluster.wait_for(
             lambda o=opened: events(cluster, APIS, "breaker_half_open", o), 8, "half-open"
         )
