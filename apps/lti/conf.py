@@ -94,8 +94,10 @@ class ToolConf(ToolConfAbstract):
     def check_iss_has_many_clients(self, iss: str) -> bool:
         return True
 
-    def find_registration_by_issuer(self, iss: str, *args: Any, **kwargs: Any) -> Registration:
-        raise NotImplementedError  # every issuer may have several client ids
+    def find_registration_by_issuer(  # type: ignore[override]  # None: not registered here
+        self, iss: str, *args: Any, **kwargs: Any
+    ) -> Registration | None:
+        return self.find_registration_by_params(iss, "")  # the issuer's only registration
 
     def find_registration_by_params(  # type: ignore[override]  # None: not registered here
         self, iss: str, client_id: str, *args: Any, **kwargs: Any
@@ -104,7 +106,7 @@ class ToolConf(ToolConfAbstract):
         return registration(platform) if platform else None
 
     def find_deployment(self, iss: str, deployment_id: str) -> Deployment | None:
-        raise NotImplementedError
+        return self.find_deployment_by_params(iss, deployment_id, "")
 
     def find_deployment_by_params(
         self, iss: str, deployment_id: str, client_id: str, *args: Any, **kwargs: Any
